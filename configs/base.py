@@ -1,0 +1,130 @@
+"""Base config: the eMIGM recipe (SPEC sections 1-4) at eMIGM-B-256 size.
+
+Every other config starts from this one and changes only what differs. Field names are the
+design-space switches of DESIGN.md; `emigm_jax.config_validation.validate_config` checks them.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "emigm_b_256"
+    c.seed = 0
+
+    # Architecture (SPEC section 2).
+    c.model = ml_collections.ConfigDict(dict(
+        arch="mae",                 # mae | single
+        head="diffusion",           # diffusion | categorical
+        cfg_mode="mask_token",      # mask_token | fake_class
+        width=768,
+        enc_depth=12,
+        dec_depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        buffer_size=64,
+        num_classes=1000,
+        image_size=256,
+        latent_stride=16,           # tokenizer stride; grid = image_size / stride / patch
+        patch_size=1,
+        latent_channels=16,         # C of the tokenizer latent; token_dim = C * patch^2
+        label_drop_prob=0.1,
+        attn_dropout=0.1,
+        proj_dropout=0.1,
+        head_depth=6,
+        head_width=1024,
+        diffusion_batch_mul=4,
+        num_diffusion_steps=1000,
+        vocab_size=0,               # codebook size K for the categorical head
+        encoder_capacity=0,         # 0 = exact dropping for any mask (buffer + N slots)
+        single_reference_semantics=False,
+        dtype="float32",            # compute dtype: float32 | bfloat16 (params stay fp32)
+        remat=False,
+    ))
+
+    # Masking / forward process (SPEC section 1, reference-code variant as default).
+    c.mask = ml_collections.ConfigDict(dict(
+        distribution="bernoulli",   # bernoulli | uniform_count
+        schedule="exp",
+        exp_rate=5.0,
+        pow_rho=0.5,
+        poly_p=0.5,
+        weight="one",               # one | mdm
+        t_min=0.2,
+        t_eps=0.0,                  # t ~ U[t_eps, 1 - t_eps] before truncation
+        p_eps=1e-3,                 # p = (1 - p_eps) t + p_eps
+        t_per="batch",              # batch (one t per batch, reference) | sample
+        min_masked=2,
+        loss_norm="masked",         # masked: mean over masked tokens (reference) | tokens: / N
+    ))
+
+    # Optimisation (SPEC section 3).
+    c.optim = ml_collections.ConfigDict(dict(
+        base_lr=1e-4,               # lr = base_lr * global_batch / 256
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.02,
+        grad_clip=3.0,
+        warmup_epochs=100,
+        ema_decay=0.9999,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=2048,            # global batch
+        epochs=800,
+        num_steps=-1,               # -1: epochs * steps_per_epoch
+        grad_accum=1,
+        label_smoothing=0.0,
+        max_nonfinite_steps=10,
+        log_every=100,
+        sample_every=0,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="cached",            # digits | folder | tfds | cached
+        path="",
+        num_train_images=1281167,
+        image_size=256,
+        num_workers=8,
+    ))
+
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        name="kl16",                # kl16 | dcae_f32c32 | identity
+        path="",
+        scale=0.2325,
+    ))
+
+    # Sampling (SPEC section 4): eMIGM 16-iteration preset.
+    c.sample = ml_collections.ConfigDict(dict(
+        num_iter=16,
+        schedule="exp",
+        exp_rate=5.0,
+        pow_rho=0.5,
+        poly_p=0.5,
+        t_end=1e-5,
+        order="random",             # random | confidence
+        head_sampler="dpm_solver",  # dpm_solver | ddpm
+        solver_steps=8,
+        solver_order=3,
+        solver_method="singlestep",  # singlestep | multistep
+        solver_skip="logSNR",
+        ddpm_steps=100,
+        temperature=1.0,
+        cfg_scale=4.0,
+        cfg_schedule="constant",    # constant | linear | power | cubic | exp | cosine
+        cfg_t_min=0.1,
+        cfg_t_max=0.3,
+        choice_temperature=4.5,
+        top_k=0,
+        top_p=1.0,
+        batch_size=64,
+        num_images=50000,
+    ))
+    # Named overrides selectable with --sample_preset (SPEC section 4).
+    c.sample_presets = ml_collections.ConfigDict(dict(
+        iter128=dict(num_iter=128, solver_steps=14, cfg_t_min=0.05, cfg_t_max=0.4),
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, keep_every=0,
+                                                  async_save=True))
+    return c

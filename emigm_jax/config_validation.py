@@ -1,0 +1,121 @@
+"""Launch-time config checks: every bad value is named with what was expected.
+
+Runs before anything is traced or compiled, so a typo in a sweep fails in a second with a
+readable message instead of as a shape error deep inside jit.
+"""
+from __future__ import annotations
+
+from emigm_jax.schedules import SCHEDULE_ALIASES, SCHEDULE_NAMES, WEIGHT_NAMES
+
+CHOICES = {
+    "model.arch": ("mae", "single"),
+    "model.head": ("diffusion", "categorical"),
+    "model.cfg_mode": ("mask_token", "fake_class"),
+    "model.dtype": ("float32", "bfloat16"),
+    "mask.distribution": ("bernoulli", "uniform_count"),
+    "mask.schedule": SCHEDULE_NAMES + tuple(SCHEDULE_ALIASES),
+    "mask.weight": WEIGHT_NAMES,
+    "mask.t_per": ("batch", "sample"),
+    "mask.loss_norm": ("masked", "tokens"),
+    "sample.schedule": SCHEDULE_NAMES + tuple(SCHEDULE_ALIASES),
+    "sample.order": ("random", "confidence"),
+    "sample.head_sampler": ("dpm_solver", "ddpm"),
+    "sample.solver_method": ("singlestep", "multistep"),
+    "sample.solver_skip": ("logSNR", "time_uniform"),
+    "sample.cfg_schedule": ("constant", "linear", "power", "cubic", "exp", "cosine"),
+}
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the framework cannot run."""
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            raise ConfigError(f"config is missing the field {dotted!r}")
+        node = node[part]
+    return node
+
+
+def _require(cond: bool, field: str, value, expected: str):
+    if not cond:
+        raise ConfigError(f"config.{field}={value!r} is invalid: expected {expected}")
+
+
+def validate_config(config) -> None:
+    """Raises ConfigError naming the first bad field; returns None when the config is usable."""
+    for field, allowed in CHOICES.items():
+        section = field.split(".")[0]
+        if section not in config:
+            continue
+        value = _get(config, field)
+        _require(value in allowed, field, value, f"one of {allowed}")
+
+    m = config.model
+    for name in ("width", "enc_depth", "dec_depth", "num_heads", "num_classes", "image_size",
+                 "latent_stride", "patch_size", "latent_channels", "head_depth", "head_width"):
+        _require(int(m[name]) == m[name] and m[name] > 0, f"model.{name}", m[name],
+                 "a positive integer")
+    _require(m.width % m.num_heads == 0, "model.num_heads", m.num_heads,
+             f"a divisor of model.width={m.width}")
+    _require(m.buffer_size >= 0, "model.buffer_size", m.buffer_size, "an integer >= 0")
+    _require(m.image_size % (m.latent_stride * m.patch_size) == 0, "model.image_size",
+             m.image_size, f"a multiple of latent_stride*patch_size={m.latent_stride * m.patch_size}")
+    for name in ("label_drop_prob", "attn_dropout", "proj_dropout"):
+        _require(0.0 <= m[name] < 1.0, f"model.{name}", m[name], "a probability in [0, 1)")
+    _require(m.diffusion_batch_mul >= 1, "model.diffusion_batch_mul", m.diffusion_batch_mul,
+             "an integer >= 1")
+    if m.head == "categorical":
+        _require(m.vocab_size >= 2, "model.vocab_size", m.vocab_size,
+                 "the codebook size K >= 2 for the categorical head")
+    side = m.image_size // m.latent_stride // m.patch_size
+    total = m.buffer_size + side * side
+    _require(m.encoder_capacity == 0 or 0 < m.encoder_capacity <= total,
+             "model.encoder_capacity", m.encoder_capacity, f"0 (exact) or in [1, {total}]")
+    if m.encoder_capacity:
+        _require(m.buffer_size + side * side - config.mask.min_masked <= m.encoder_capacity,
+                 "model.encoder_capacity", m.encoder_capacity,
+                 f">= buffer_size + seq_len - mask.min_masked = "
+                 f"{total - config.mask.min_masked} (else kept tokens could be cut)")
+
+    k = config.mask
+    _require(0.0 <= k.t_min < 1.0, "mask.t_min", k.t_min, "a value in [0, 1)")
+    _require(0.0 <= k.get("t_eps", 0.0) < 0.5, "mask.t_eps", k.get("t_eps", 0.0),
+             "a value in [0, 0.5)")
+    _require(0.0 <= k.p_eps < 1.0, "mask.p_eps", k.p_eps, "a value in [0, 1)")
+    _require(1 <= k.min_masked <= side * side, "mask.min_masked", k.min_masked,
+             f"an integer in [1, seq_len={side * side}]")
+    for name in ("exp_rate", "pow_rho", "poly_p"):
+        _require(k[name] > 0, f"mask.{name}", k[name], "a value > 0")
+
+    if "optim" in config:
+        o = config.optim
+        _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "a value > 0")
+        _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2),
+                 "values in [0, 1)")
+        _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a value >= 0")
+        _require(o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "a value > 0")
+        _require(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "a value in [0, 1)")
+    if "train" in config:
+        t = config.train
+        _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
+        _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
+                 t.grad_accum, f"a divisor of train.batch_size={t.batch_size}")
+        _require(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing,
+                 "a value in [0, 1)")
+
+    if "sample" in config:
+        s = config.sample
+        _require(s.num_iter >= 1, "sample.num_iter", s.num_iter, "an integer >= 1")
+        _require(0.0 <= s.t_end < 1.0, "sample.t_end", s.t_end, "a value in [0, 1)")
+        _require(s.cfg_scale >= 0, "sample.cfg_scale", s.cfg_scale, "a value >= 0")
+        _require(0.0 <= s.cfg_t_min <= s.cfg_t_max <= 1.0, "sample.cfg_t_min/cfg_t_max",
+                 (s.cfg_t_min, s.cfg_t_max), "0 <= cfg_t_min <= cfg_t_max <= 1")
+        _require(s.solver_order in (1, 2, 3), "sample.solver_order", s.solver_order,
+                 "one of (1, 2, 3)")
+        _require(s.solver_steps >= 1, "sample.solver_steps", s.solver_steps, "an integer >= 1")
+        _require(s.temperature > 0, "sample.temperature", s.temperature, "a value > 0")
+        _require(0.0 < s.top_p <= 1.0, "sample.top_p", s.top_p, "a value in (0, 1]")
+        _require(s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0 = off)")

@@ -1,0 +1,98 @@
+"""Training-time masking: the forward process q(x_t | x_0) of SPEC Table 1.
+
+Two distributions, equal in expectation (paper App. A):
+  * ``bernoulli``: each token masked independently with probability gamma(p);
+  * ``uniform_count``: exactly ceil(N * gamma(p)) tokens, uniformly without replacement.
+
+Time: t ~ U[t_eps, 1 - t_eps], truncated to t >= t_min, then p = (1 - p_eps) t + p_eps (the
+reference's guard against gamma(0) = 0). ``t_per='batch'`` is the reference variant: one t and
+one Bernoulli vector for the whole batch, redrawn (t included) until at least ``min_masked``
+tokens are masked, then permuted independently per sample, so every sample has the same masked
+count (which is what lets the reference MAE encoder keep a fixed token count). The redraw is a
+``lax.while_loop``: static shapes, exact rejection sampling, no host round-trip.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from emigm_jax.schedules import MaskSchedule, schedule_from_config
+
+
+class MaskDraw(NamedTuple):
+    mask: jax.Array   # [B, N] bool, True = masked
+    p: jax.Array      # [B] float, the (truncated, eps-shifted) time fed to gamma and w
+    ratio: jax.Array  # [B] float, gamma(p)
+
+
+def draw_time(rng: jax.Array, shape, mask_cfg) -> jax.Array:
+    """t ~ U[t_eps, 1 - t_eps], then max(t, t_min), then p = (1 - p_eps) t + p_eps."""
+    t_eps = float(mask_cfg.get("t_eps", 0.0))
+    t = jax.random.uniform(rng, shape, minval=t_eps, maxval=1.0 - t_eps)
+    t = jnp.maximum(t, mask_cfg.t_min)
+    return (1.0 - mask_cfg.p_eps) * t + mask_cfg.p_eps
+
+
+def _count_mask(rng, ratio, n: int, min_masked: int) -> jax.Array:
+    """Rows with exactly clip(ceil(n * ratio), min_masked, n) masked positions, uniformly placed."""
+    b = ratio.shape[0]
+    count = jnp.clip(jnp.ceil(n * ratio - 1e-6).astype(jnp.int32), min_masked, n)  # [B]
+    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (b, n)), axis=1), axis=1)
+    return ranks < count[:, None]
+
+
+def _permute_rows(rng, vec, b: int) -> jax.Array:
+    """Tile vec [N] to [B, N] with an independent random permutation per row."""
+    keys = jax.random.split(rng, b)
+    return jax.vmap(lambda k: jax.random.permutation(k, vec))(keys)
+
+
+def sample_mask(rng: jax.Array, batch: int, n: int, mask_cfg,
+                schedule: MaskSchedule | None = None) -> MaskDraw:
+    """Draws a training mask for a batch of ``batch`` sequences of ``n`` tokens."""
+    schedule = schedule or schedule_from_config(mask_cfg)
+    min_masked = int(mask_cfg.min_masked)
+    if min_masked > n:
+        raise ValueError(f"mask.min_masked={min_masked} exceeds the sequence length {n}")
+    per_batch = mask_cfg.t_per == "batch"
+    t_shape = () if per_batch else (batch,)
+    rows = 1 if per_batch else batch
+    rng_loop, rng_perm = jax.random.split(rng)
+
+    if mask_cfg.distribution == "uniform_count":
+        rng_t, rng_m = jax.random.split(rng_loop)
+        p = draw_time(rng_t, t_shape, mask_cfg)
+        ratio = jnp.broadcast_to(schedule.gamma(p), (rows,))
+        mask = _count_mask(rng_m, ratio, n, min_masked)  # [rows, N]
+    else:
+        def draw(key):
+            k_t, k_m = jax.random.split(key)
+            p = draw_time(k_t, t_shape, mask_cfg)
+            ratio = jnp.broadcast_to(schedule.gamma(p), (rows,))
+            m = jax.random.uniform(k_m, (rows, n)) < ratio[:, None]
+            return jnp.broadcast_to(p, (rows,)), m
+
+        def cond(state):
+            _, _, m, _ = state
+            return jnp.any(jnp.sum(m, axis=1) < min_masked)
+
+        def body(state):
+            key, p, m, it = state
+            key, sub = jax.random.split(key)
+            p_new, m_new = draw(sub)
+            redo = jnp.sum(m, axis=1) < min_masked  # [rows]: redraw only failing rows
+            return (key, jnp.where(redo, p_new, p), jnp.where(redo[:, None], m_new, m), it + 1)
+
+        key0, sub0 = jax.random.split(rng_loop)
+        p0, m0 = draw(sub0)
+        _, p, mask, _ = jax.lax.while_loop(cond, body, (key0, p0, m0, jnp.int32(0)))
+        ratio = schedule.gamma(p)
+
+    if per_batch:
+        # One vector for the batch, each sample a different random arrangement of it.
+        mask = _permute_rows(rng_perm, mask[0], batch)
+        p = jnp.broadcast_to(p.reshape(()), (batch,))
+        ratio = jnp.broadcast_to(ratio.reshape(-1)[0], (batch,))
+    return MaskDraw(mask=mask, p=jnp.broadcast_to(p, (batch,)), ratio=ratio)

@@ -1,0 +1,78 @@
+"""Model construction from a config: build, initialise, count, weight-decay mask."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emigm_jax.models.generator import MaskedGenerator
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def seq_len(config) -> int:
+    """Number of tokens per image: (image_size / latent_stride / patch_size)^2."""
+    m = config.model
+    side = m.image_size // m.latent_stride // m.patch_size
+    return side * side
+
+
+def token_dim(config) -> int:
+    """Channels of one continuous token: latent_channels * patch_size^2."""
+    m = config.model
+    return m.latent_channels * m.patch_size ** 2
+
+
+def build_model(config) -> MaskedGenerator:
+    m = config.model
+    return MaskedGenerator(
+        seq_len=seq_len(config), token_dim=token_dim(config), width=m.width,
+        enc_depth=m.enc_depth, dec_depth=m.dec_depth, num_heads=m.num_heads,
+        num_classes=m.num_classes, mlp_ratio=m.mlp_ratio, buffer_size=m.buffer_size,
+        attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, arch=m.arch, head_type=m.head,
+        cfg_mode=m.cfg_mode, head_depth=m.head_depth, head_width=m.head_width,
+        vocab_size=m.vocab_size, encoder_capacity=m.encoder_capacity,
+        single_reference_semantics=m.single_reference_semantics, remat=m.remat,
+        dtype=DTYPES[m.dtype])
+
+
+def dummy_inputs(config, batch: int = 1):
+    """Example (tokens, mask, labels) with the config's shapes."""
+    n = seq_len(config)
+    if config.model.head == "categorical":
+        tokens = jnp.zeros((batch, n), jnp.int32)
+    else:
+        tokens = jnp.zeros((batch, n, token_dim(config)), jnp.float32)
+    mask = jnp.zeros((batch, n), bool).at[:, : n // 2].set(True)
+    labels = jnp.zeros((batch,), jnp.int32)
+    return tokens, mask, labels
+
+
+def init_params(config, rng: jax.Array):
+    """fp32 parameter pytree {'class_emb': ..., 'mask_token': ..., 'backbone': ..., 'diffloss'|'cat_head': ...}."""
+    model = build_model(config)
+    variables = model.init(rng, *dummy_inputs(config), deterministic=True)
+    return variables["params"]
+
+
+def param_shapes(config):
+    """Parameter ShapeDtypeStructs, computed without allocating (jax.eval_shape)."""
+    return jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
+
+
+def param_count(config) -> int:
+    """Number of parameters; the shared mask/fake-class vector counts once."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config))))
+
+
+def weight_decay_mask(params):
+    """True where AdamW decays: >= 2-D parameters outside the diffusion head (SPEC section 3).
+
+    Mirrors the reference's rule (no decay on 1-D params, biases, norms, or anything under
+    ``diffloss``); embeddings, position embeddings and the mask token are >= 2-D and decay.
+    """
+    def rule(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        return bool(leaf.ndim >= 2 and "diffloss" not in names and names[-1] != "bias")
+
+    return jax.tree_util.tree_map_with_path(rule, params)

@@ -1,0 +1,127 @@
+"""eMIGM's transformer: the MAE encoder-decoder that maps (tokens, mask, class) to z.
+
+Static shapes throughout: the encoder's token dropping is a stable sort that moves kept tokens
+to the front of a fixed-capacity buffer, with dropped and padding slots excluded as attention
+keys. With capacity L = buffer + N this is exactly the reference's dropping for any mask
+(including per-sample counts, which the reference cannot express); a smaller capacity saves
+encoder compute when the masking guarantees at least L - capacity dropped tokens.
+
+Architecture switch ``arch``:
+  * ``mae`` (paper default): encoder sees only unmasked tokens plus the 64 class buffers; the
+    decoder scatters the encoder outputs back, fills masked slots with the mask token.
+  * ``single`` (the paper's single-transformer alternative): every token goes through the
+    encoder. Semantics chosen here (documented, tested): masked inputs are replaced by the mask
+    token *before* the encoder position embedding, so a masked position still knows where it
+    is; the decoder stack then runs on all positions unchanged. (The reference code's
+    ``use_mae=False`` substitutes the mask token after position embedding and LayerNorm; set
+    ``single_reference_semantics=True`` for that behaviour.)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from emigm_jax.models.transformer import BlockStack, dense, layer_norm
+
+embed_init = nn.initializers.normal(0.02)
+
+
+def keep_first_order(keep: jax.Array) -> jax.Array:
+    """Permutation per row that lists kept positions first, each group in original order.
+
+    keep: [B, L] bool -> [B, L] int32.
+    """
+    return jnp.argsort(jnp.logical_not(keep).astype(jnp.int32), axis=1, stable=True)
+
+
+class MaskedTransformer(nn.Module):
+    """(tokens [B, N, C], mask [B, N] bool (True = masked), cond [B, D]) -> z [B, N, D]."""
+
+    seq_len: int
+    width: int
+    enc_depth: int
+    dec_depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    buffer_size: int = 64
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    arch: str = "mae"
+    encoder_capacity: int = 0  # 0 = buffer_size + seq_len (exact for every mask)
+    single_reference_semantics: bool = False
+    vocab_size: int = 0  # > 0: discrete token ids in, embedded by a table instead of z_proj
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        d, total = self.width, self.buffer_size + self.seq_len
+        if self.vocab_size > 0:
+            self.z_proj = nn.Embed(self.vocab_size, d, embedding_init=embed_init,
+                                   param_dtype=jnp.float32, dtype=self.dtype, name="token_emb")
+        else:
+            self.z_proj = dense(d, "z_proj", self.dtype)
+        self.z_proj_ln = layer_norm("z_proj_ln", self.dtype)
+        self.encoder_pos_embed_learned = self.param(
+            "encoder_pos_embed_learned", embed_init, (1, total, d), jnp.float32)
+        stack = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                     attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
+                     remat=self.remat, dtype=self.dtype, prefix="block")
+        self.encoder_blocks = BlockStack(self.enc_depth, **stack)
+        self.encoder_norm = layer_norm("encoder_norm", self.dtype)
+        self.decoder_embed = dense(d, "decoder_embed", self.dtype)
+        self.decoder_pos_embed_learned = self.param(
+            "decoder_pos_embed_learned", embed_init, (1, total, d), jnp.float32)
+        self.decoder_blocks = BlockStack(self.dec_depth, **stack)
+        self.decoder_norm = layer_norm("decoder_norm", self.dtype)
+        self.diffusion_pos_embed_learned = self.param(
+            "diffusion_pos_embed_learned", embed_init, (1, self.seq_len, d), jnp.float32)
+
+    def __call__(self, tokens, mask, cond, mask_token, deterministic: bool = True):
+        # tokens: [B, N, C] float (or [B, N] int ids); mask: [B, N] bool; cond: [B, D];
+        # mask_token: [1, D]
+        b, n = tokens.shape[:2]
+        if n != self.seq_len:
+            raise ValueError(f"got {n} tokens per image, model expects seq_len={self.seq_len}")
+        nb, total = self.buffer_size, self.buffer_size + self.seq_len
+        dt = self.dtype
+        mask_tok = mask_token.astype(dt).reshape(1, 1, -1)
+        if self.vocab_size > 0:
+            x = self.z_proj(jnp.clip(tokens, 0, self.vocab_size - 1))  # [B, N, D]
+        else:
+            x = self.z_proj(tokens.astype(dt))  # [B, N, D]
+        if self.arch == "single" and not self.single_reference_semantics:
+            x = jnp.where(mask[..., None], mask_tok, x)
+        buffers = jnp.broadcast_to(cond.astype(dt)[:, None, :], (b, nb, self.width))
+        x = jnp.concatenate([buffers, x], axis=1)  # [B, L, D]
+        x = x + self.encoder_pos_embed_learned.astype(dt)
+        x = self.z_proj_ln(x)
+        mask_full = jnp.concatenate([jnp.zeros((b, nb), bool), mask], axis=1)  # [B, L]
+        keep = jnp.logical_not(mask_full)
+
+        if self.arch == "mae":
+            cap = self.encoder_capacity or total
+            order = keep_first_order(keep)[:, :cap]  # [B, cap]
+            x = jnp.take_along_axis(x, order[..., None], axis=1)  # [B, cap, D]
+            valid = jnp.take_along_axis(keep, order, axis=1)  # [B, cap]
+            x = self.encoder_blocks(x, valid, deterministic)
+            x = self.encoder_norm(x)
+            x = self.decoder_embed(x)
+            # Scatter back: slot j of the sorted buffer goes to position order[j].
+            pos = jnp.where(valid, order, total)  # invalid slots go to a dump row
+            full = jnp.zeros((b, total + 1, self.width), x.dtype)
+            full = full.at[jnp.arange(b)[:, None], pos].set(x)[:, :total]
+            x = jnp.where(keep[..., None], full, mask_tok)
+        else:
+            if self.single_reference_semantics:
+                x = jnp.where(mask_full[..., None], mask_tok, x)
+            x = self.encoder_blocks(x, None, deterministic)
+            x = self.encoder_norm(x)
+            x = self.decoder_embed(x)
+        x = x + self.decoder_pos_embed_learned.astype(dt)
+        x = self.decoder_blocks(x, None, deterministic)
+        x = self.decoder_norm(x)
+        x = x[:, nb:] + self.diffusion_pos_embed_learned.astype(dt)
+        return x  # [B, N, D]

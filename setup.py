@@ -1,0 +1,29 @@
+"""emigm-jax: masked image generation (MaskGIT, MAR, MDM, eMIGM) in JAX/Flax."""
+import pathlib
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _requirements() -> list[str]:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+setup(
+    name="emigm-jax",
+    version="0.1.0",
+    description="Effective and efficient masked image generation models in JAX/Flax",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["emigm_jax", "emigm_jax.*", "configs"]),
+    install_requires=_requirements(),
+    extras_require={
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        # PyTorch-side reading of official checkpoints and parity tests.
+        "interop": ["torch==2.13.0", "safetensors==0.8.0", "diffusers==0.42.1"],
+    },
+    entry_points={"console_scripts": ["emigm=emigm_jax.main:run"]},
+)

@@ -1,0 +1,31 @@
+"""Shared test fixtures: tiny configs that compile in seconds on a CPU."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def tiny_config(head: str = "diffusion", arch: str = "mae"):
+    from configs import base
+
+    c = base.get_config()
+    m = c.model
+    m.width, m.enc_depth, m.dec_depth, m.num_heads = 32, 1, 1, 4
+    m.buffer_size, m.num_classes = 4, 10
+    m.image_size, m.latent_stride, m.latent_channels = 16, 4, 3  # 4x4 grid = 16 tokens
+    m.head_depth, m.head_width, m.diffusion_batch_mul = 2, 32, 2
+    m.arch, m.head = arch, head
+    m.attn_dropout = m.proj_dropout = 0.0
+    if head == "categorical":
+        m.vocab_size = 7
+    c.train.batch_size = 4
+    return c
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
