@@ -23,7 +23,8 @@ setup(
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
         # PyTorch-side reading of official checkpoints and parity tests.
-        "interop": ["torch==2.13.0", "safetensors==0.8.0", "diffusers==0.42.1"],
+        "interop": ["torch==2.14.1", "torchvision==0.29.1", "safetensors==0.8.0",
+                    "diffusers==0.42.1", "pytorch-fid==0.3.0"],
     },
     entry_points={"console_scripts": ["emigm=emigm_jax.main:run"]},
 )

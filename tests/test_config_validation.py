@@ -1,0 +1,56 @@
+import importlib
+
+import pytest
+
+from emigm_jax.config_validation import ConfigError, validate_config
+from tests.conftest import tiny_config
+
+ALL = ["base", "emigm_xs_256", "emigm_s_256", "emigm_b_256", "emigm_l_256", "emigm_h_256",
+       "emigm_xs_512", "emigm_s_512", "emigm_b_512", "emigm_l_512"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_shipped_configs_are_valid(name):
+    validate_config(importlib.import_module(f"configs.{name}").get_config())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mask.schedule", "cosin", r"config.mask.schedule='cosin' is invalid: expected one of"),
+    ("mask.t_min", 1.0, r"config.mask.t_min=1.0 is invalid: expected a value in \[0, 1\)"),
+    ("mask.t_min", -0.1, r"config.mask.t_min=-0.1"),
+    ("model.num_heads", 5, r"config.model.num_heads=5 is invalid: expected a divisor of model.width=32"),
+    ("model.arch", "unet", r"config.model.arch='unet'.*\('mae', 'single'\)"),
+    ("model.head", "gmm", r"config.model.head='gmm'"),
+    ("mask.distribution", "poisson", r"config.mask.distribution='poisson'"),
+    ("mask.weight", "elbo", r"config.mask.weight='elbo'"),
+    ("model.cfg_mode", "none", r"config.model.cfg_mode='none'"),
+    ("sample.cfg_schedule", "quadratic", r"config.sample.cfg_schedule='quadratic'"),
+    ("sample.head_sampler", "euler", r"config.sample.head_sampler='euler'"),
+    ("sample.solver_order", 4, r"config.sample.solver_order=4"),
+    ("model.image_size", 18, r"config.model.image_size=18 is invalid: expected a multiple of"),
+    ("model.label_drop_prob", 1.5, r"config.model.label_drop_prob=1.5"),
+    ("train.grad_accum", 3, r"config.train.grad_accum=3 is invalid: expected a divisor"),
+    ("model.dtype", "float16", r"config.model.dtype='float16'"),
+    ("mask.min_masked", 0, r"config.mask.min_masked=0"),
+    ("model.encoder_capacity", 5, r"config.model.encoder_capacity=5 is invalid"),
+])
+def test_bad_field_is_named(field, value, message):
+    c = tiny_config()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(c)
+
+
+def test_categorical_needs_vocab():
+    c = tiny_config(head="categorical")
+    c.model.vocab_size = 0
+    with pytest.raises(ConfigError, match="config.model.vocab_size=0"):
+        validate_config(c)
+
+
+def test_cfg_interval_order():
+    c = tiny_config()
+    c.sample.cfg_t_min, c.sample.cfg_t_max = 0.5, 0.2
+    with pytest.raises(ConfigError, match="cfg_t_min/cfg_t_max"):
+        validate_config(c)
