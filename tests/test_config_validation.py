@@ -54,3 +54,18 @@ def test_cfg_interval_order():
     c.sample.cfg_t_min, c.sample.cfg_t_max = 0.5, 0.2
     with pytest.raises(ConfigError, match="cfg_t_min/cfg_t_max"):
         validate_config(c)
+
+
+def test_family_presets_select_their_table1_row():
+    rows = {
+        "maskgit": ("uniform_count", "one", "categorical"),
+        "mar": ("uniform_count", "one", "diffusion"),
+        "mdm": ("bernoulli", "mdm", "categorical"),
+        "base": ("bernoulli", "one", "diffusion"),
+    }
+    for name, (dist, weight, head) in rows.items():
+        c = importlib.import_module(f"configs.{name}").get_config()
+        validate_config(c)
+        assert (c.mask.distribution, c.mask.weight, c.model.head) == (dist, weight, head), name
+    e = importlib.import_module("configs.base").get_config()
+    assert (e.mask.schedule, e.mask.t_min) == ("exp", 0.2)
