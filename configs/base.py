@@ -37,6 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
         vocab_size=0,               # codebook size K for the categorical head
         encoder_capacity=0,         # 0 = exact dropping for any mask (buffer + N slots)
         single_reference_semantics=False,
+        block="vit",                # vit | llama (RMSNorm, SwiGLU, no biases)
+        qk_norm=False,
+        post_norm=False,
+        pos_emb="learned",          # learned | rope2d
+        head_mlp=True,              # categorical head: MLP before the output table
         dtype="float32",            # compute dtype: float32 | bfloat16 (params stay fp32)
         remat=False,
     ))

@@ -12,6 +12,8 @@ CHOICES = {
     "model.head": ("diffusion", "categorical"),
     "model.cfg_mode": ("mask_token", "fake_class"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.block": ("vit", "llama"),
+    "model.pos_emb": ("learned", "rope2d"),
     "mask.distribution": ("bernoulli", "uniform_count"),
     "mask.schedule": SCHEDULE_NAMES + tuple(SCHEDULE_ALIASES),
     "mask.weight": WEIGHT_NAMES,
@@ -54,12 +56,20 @@ def validate_config(config) -> None:
         _require(value in allowed, field, value, f"one of {allowed}")
 
     m = config.model
-    for name in ("width", "enc_depth", "dec_depth", "num_heads", "num_classes", "image_size",
+    for name in ("width", "enc_depth", "num_heads", "num_classes", "image_size",
                  "latent_stride", "patch_size", "latent_channels", "head_depth", "head_width"):
         _require(int(m[name]) == m[name] and m[name] > 0, f"model.{name}", m[name],
                  "a positive integer")
     _require(m.width % m.num_heads == 0, "model.num_heads", m.num_heads,
              f"a divisor of model.width={m.width}")
+    _require(m.dec_depth >= 0 and int(m.dec_depth) == m.dec_depth, "model.dec_depth",
+             m.dec_depth, "an integer >= 0")
+    if m.dec_depth == 0:
+        _require(m.arch == "single", "model.dec_depth", m.dec_depth,
+                 ">= 1 with model.arch='mae' (the decoder re-inserts the dropped tokens)")
+    if m.get("pos_emb", "learned") == "rope2d":
+        _require((m.width // m.num_heads) % 4 == 0, "model.num_heads", m.num_heads,
+                 "a head count whose head dimension is divisible by 4 (rope2d)")
     _require(m.buffer_size >= 0, "model.buffer_size", m.buffer_size, "an integer >= 0")
     _require(m.image_size % (m.latent_stride * m.patch_size) == 0, "model.image_size",
              m.image_size, f"a multiple of latent_stride*patch_size={m.latent_stride * m.patch_size}")

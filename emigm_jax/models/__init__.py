@@ -32,7 +32,10 @@ def build_model(config) -> MaskedGenerator:
         attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, arch=m.arch, head_type=m.head,
         cfg_mode=m.cfg_mode, head_depth=m.head_depth, head_width=m.head_width,
         vocab_size=m.vocab_size, encoder_capacity=m.encoder_capacity,
-        single_reference_semantics=m.single_reference_semantics, remat=m.remat,
+        single_reference_semantics=m.single_reference_semantics,
+        block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
+        post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
+        head_mlp=m.get("head_mlp", True), remat=m.remat,
         dtype=DTYPES[m.dtype])
 
 

@@ -11,17 +11,25 @@ from emigm_jax.models.transformer import dense, layer_norm
 
 
 class CategoricalHead(nn.Module):
-    """z [..., D] -> logits [..., K]: LayerNorm, GELU MLP, linear to the codebook."""
+    """z [..., D] -> logits [..., K].
+
+    ``mlp=True``: linear, GELU, LayerNorm, then the output table (MaskGIT's token head);
+    ``mlp=False``: the output table alone (MaskGIL's untied output embedding).
+    """
 
     vocab_size: int
+    mlp: bool = True
+    use_bias: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z):
         d = z.shape[-1]
-        h = dense(d, "fc", self.dtype)(z.astype(self.dtype))
-        h = layer_norm("norm", self.dtype)(nn.gelu(h, approximate=False))
-        return dense(self.vocab_size, "out", self.dtype)(h).astype(jnp.float32)
+        h = z.astype(self.dtype)
+        if self.mlp:
+            h = dense(d, "fc", self.dtype, self.use_bias)(h)
+            h = layer_norm("norm", self.dtype)(nn.gelu(h, approximate=False))
+        return dense(self.vocab_size, "out", self.dtype, self.use_bias)(h).astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:

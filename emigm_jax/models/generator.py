@@ -60,6 +60,11 @@ class MaskedGenerator(nn.Module):
     vocab_size: int = 0
     encoder_capacity: int = 0
     single_reference_semantics: bool = False
+    block: str = "vit"
+    qk_norm: bool = False
+    post_norm: bool = False
+    pos_emb: str = "learned"
+    head_mlp: bool = True
     remat: bool = False
     dtype: Any = jnp.float32
 
@@ -77,11 +82,13 @@ class MaskedGenerator(nn.Module):
             encoder_capacity=self.encoder_capacity,
             single_reference_semantics=self.single_reference_semantics,
             vocab_size=self.vocab_size if self.head_type == "categorical" else 0,
-            remat=self.remat, dtype=self.dtype)
+            block=self.block, qk_norm=self.qk_norm, post_norm=self.post_norm,
+            pos_emb=self.pos_emb, remat=self.remat, dtype=self.dtype)
         if self.head_type == "diffusion":
             self.diffloss = DiffLoss(self.token_dim, self.head_width, self.head_depth, self.dtype)
         else:
-            self.cat_head = CategoricalHead(self.vocab_size, self.dtype)
+            self.cat_head = CategoricalHead(self.vocab_size, self.head_mlp,
+                                            self.block != "llama", self.dtype)
 
     def fake_class(self) -> jax.Array:
         """The unconditional class vector [1, D]."""

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emigm_jax.models.transformer import BlockStack, dense, layer_norm
+from emigm_jax.models.transformer import BlockStack, block_norm, dense, rope2d_angles
 
 embed_init = nn.initializers.normal(0.02)
 
@@ -53,6 +53,10 @@ class MaskedTransformer(nn.Module):
     encoder_capacity: int = 0  # 0 = buffer_size + seq_len (exact for every mask)
     single_reference_semantics: bool = False
     vocab_size: int = 0  # > 0: discrete token ids in, embedded by a table instead of z_proj
+    block: str = "vit"   # vit | llama
+    qk_norm: bool = False
+    post_norm: bool = False
+    pos_emb: str = "learned"  # learned | rope2d
     remat: bool = False
     dtype: Any = jnp.float32
 
@@ -63,21 +67,37 @@ class MaskedTransformer(nn.Module):
                                    param_dtype=jnp.float32, dtype=self.dtype, name="token_emb")
         else:
             self.z_proj = dense(d, "z_proj", self.dtype)
-        self.z_proj_ln = layer_norm("z_proj_ln", self.dtype)
-        self.encoder_pos_embed_learned = self.param(
-            "encoder_pos_embed_learned", embed_init, (1, total, d), jnp.float32)
+        learned = self.pos_emb == "learned"
+        bias = self.block != "llama"
+        self.z_proj_ln = block_norm(self.block, "z_proj_ln", self.dtype)
+        if learned:
+            self.encoder_pos_embed_learned = self.param(
+                "encoder_pos_embed_learned", embed_init, (1, total, d), jnp.float32)
         stack = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                      attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
-                     remat=self.remat, dtype=self.dtype, prefix="block")
+                     remat=self.remat, dtype=self.dtype, prefix="block", kind=self.block,
+                     qk_norm=self.qk_norm, post_norm=self.post_norm)
         self.encoder_blocks = BlockStack(self.enc_depth, **stack)
-        self.encoder_norm = layer_norm("encoder_norm", self.dtype)
-        self.decoder_embed = dense(d, "decoder_embed", self.dtype)
-        self.decoder_pos_embed_learned = self.param(
-            "decoder_pos_embed_learned", embed_init, (1, total, d), jnp.float32)
-        self.decoder_blocks = BlockStack(self.dec_depth, **stack)
-        self.decoder_norm = layer_norm("decoder_norm", self.dtype)
-        self.diffusion_pos_embed_learned = self.param(
-            "diffusion_pos_embed_learned", embed_init, (1, self.seq_len, d), jnp.float32)
+        self.encoder_norm = block_norm(self.block, "encoder_norm", self.dtype)
+        if self.dec_depth > 0:
+            self.decoder_embed = dense(d, "decoder_embed", self.dtype, bias)
+            if learned:
+                self.decoder_pos_embed_learned = self.param(
+                    "decoder_pos_embed_learned", embed_init, (1, total, d), jnp.float32)
+            self.decoder_blocks = BlockStack(self.dec_depth, **stack)
+            self.decoder_norm = block_norm(self.block, "decoder_norm", self.dtype)
+        if learned:
+            self.diffusion_pos_embed_learned = self.param(
+                "diffusion_pos_embed_learned", embed_init, (1, self.seq_len, d), jnp.float32)
+
+    def _rope(self, b: int):
+        """RoPE-2D angles [B, L, hd/2] for (buffers, image tokens in raster order)."""
+        side = int(round(self.seq_len ** 0.5))
+        idx = jnp.arange(self.seq_len)
+        rows = jnp.concatenate([-jnp.ones((self.buffer_size,), jnp.int32), idx // side])
+        cols = jnp.concatenate([-jnp.ones((self.buffer_size,), jnp.int32), idx % side])
+        ang = rope2d_angles(rows, cols, self.width // self.num_heads)
+        return jnp.broadcast_to(ang[None], (b,) + ang.shape)
 
     def __call__(self, tokens, mask, cond, mask_token, deterministic: bool = True):
         # tokens: [B, N, C] float (or [B, N] int ids); mask: [B, N] bool; cond: [B, D];
@@ -96,7 +116,11 @@ class MaskedTransformer(nn.Module):
             x = jnp.where(mask[..., None], mask_tok, x)
         buffers = jnp.broadcast_to(cond.astype(dt)[:, None, :], (b, nb, self.width))
         x = jnp.concatenate([buffers, x], axis=1)  # [B, L, D]
-        x = x + self.encoder_pos_embed_learned.astype(dt)
+        rope = None
+        if self.pos_emb == "learned":
+            x = x + self.encoder_pos_embed_learned.astype(dt)
+        else:
+            rope = self._rope(b)  # [B, L, hd/2]
         x = self.z_proj_ln(x)
         mask_full = jnp.concatenate([jnp.zeros((b, nb), bool), mask], axis=1)  # [B, L]
         keep = jnp.logical_not(mask_full)
@@ -106,7 +130,8 @@ class MaskedTransformer(nn.Module):
             order = keep_first_order(keep)[:, :cap]  # [B, cap]
             x = jnp.take_along_axis(x, order[..., None], axis=1)  # [B, cap, D]
             valid = jnp.take_along_axis(keep, order, axis=1)  # [B, cap]
-            x = self.encoder_blocks(x, valid, deterministic)
+            rope_enc = None if rope is None else jnp.take_along_axis(rope, order[..., None], axis=1)
+            x = self.encoder_blocks(x, valid, deterministic, rope_enc)
             x = self.encoder_norm(x)
             x = self.decoder_embed(x)
             # Scatter back: slot j of the sorted buffer goes to position order[j].
@@ -117,11 +142,20 @@ class MaskedTransformer(nn.Module):
         else:
             if self.single_reference_semantics:
                 x = jnp.where(mask_full[..., None], mask_tok, x)
-            x = self.encoder_blocks(x, None, deterministic)
+            x = self.encoder_blocks(x, None, deterministic, rope)
             x = self.encoder_norm(x)
+            if self.dec_depth == 0:
+                return self._finish(x)
             x = self.decoder_embed(x)
-        x = x + self.decoder_pos_embed_learned.astype(dt)
-        x = self.decoder_blocks(x, None, deterministic)
+        if self.pos_emb == "learned":
+            x = x + self.decoder_pos_embed_learned.astype(dt)
+        x = self.decoder_blocks(x, None, deterministic, rope)
         x = self.decoder_norm(x)
-        x = x[:, nb:] + self.diffusion_pos_embed_learned.astype(dt)
-        return x  # [B, N, D]
+        return self._finish(x)
+
+    def _finish(self, x):
+        """Drops the buffer tokens, adds the head's position embedding: [B, L, D] -> [B, N, D]."""
+        x = x[:, self.buffer_size:]
+        if self.pos_emb == "learned":
+            x = x + self.diffusion_pos_embed_learned.astype(self.dtype)
+        return x

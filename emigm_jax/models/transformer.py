@@ -1,4 +1,13 @@
-"""Pre-norm ViT block (timm layout) with key-padding masks.
+"""Transformer blocks: timm's pre-norm ViT block and a bias-free LLaMA block, with options.
+
+Options (config ``model.block``, ``model.qk_norm``, ``model.post_norm``, ``model.pos_emb``):
+  * ``vit``: LayerNorm, qkv/proj/MLP with bias, GELU MLP (ratio ``mlp_ratio``).
+  * ``llama``: RMSNorm, no biases, SwiGLU MLP with hidden size 8d/3 rounded up to 256.
+  * ``qk_norm``: a norm (the block's kind) over the head dimension of queries and keys,
+    applied before RoPE.
+  * ``post_norm``: a norm on the outputs of the attention and MLP branches before the
+    residual add (MaskGIL-XXL's stabiliser), on top of the pre-norms.
+  * RoPE-2D (``rope`` angles passed in): layout documented in ``rope2d_angles``.
 
 The block mirrors timm's ``Block`` used by the reference code (fused qkv with bias, GELU MLP,
 attention-probability dropout and projection dropout, LayerNorm eps 1e-6) so that official
@@ -30,24 +39,83 @@ def layer_norm(name: str, dtype: Any, use_scale: bool = True, use_bias: bool = T
                         param_dtype=jnp.float32, name=name)
 
 
+
+
+def rms_norm(name: str, dtype: Any) -> nn.RMSNorm:
+    return nn.RMSNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def block_norm(kind: str, name: str, dtype: Any):
+    """The block's normalisation: LayerNorm for vit, RMSNorm for llama."""
+    return rms_norm(name, dtype) if kind == "llama" else layer_norm(name, dtype)
+
+
+def swiglu_hidden(width: int, multiple_of: int = 256) -> int:
+    """LLaMA's SwiGLU width: 8d/3 rounded up to a multiple of 256."""
+    hidden = int(8 * width / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def rope2d_angles(rows: jax.Array, cols: jax.Array, head_dim: int, base: float = 10000.0):
+    """Rotation angles [..., head_dim / 2] for 2-D RoPE.
+
+    Layout: the first half of each head's channels carries a 1-D RoPE over the row index, the
+    second half one over the column index. Within a half of size m = head_dim / 2, channel j
+    pairs with channel j + m/2 ("rotate-half" convention) and rotates by pos * base^(-2j/m),
+    j = 0..m/2-1. Positions < 0 (class/prefix tokens) get angle 0: they are not rotated.
+    """
+    if head_dim % 4:
+        raise ValueError(f"rope2d needs a head dimension divisible by 4, got {head_dim}")
+    m = head_dim // 2
+    inv = base ** (-2.0 * jnp.arange(m // 2, dtype=jnp.float32) / m)  # [m/2]
+    def half(pos):
+        ang = pos.astype(jnp.float32)[..., None] * inv
+        return jnp.where(pos[..., None] >= 0, ang, 0.0)
+    return jnp.concatenate([half(rows), half(cols)], axis=-1)  # [..., head_dim/2]
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """x [B, L, H, hd], angles [B, L, hd/2] -> rotated x (per half, rotate-half pairing)."""
+    hd = x.shape[-1]
+    m = hd // 2
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)  # [B, L, 1, hd/2]
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    out = []
+    for h in range(2):
+        v = x[..., h * m:(h + 1) * m]
+        a, b = v[..., : m // 2], v[..., m // 2:]
+        c, s_ = cos[..., h * (m // 2):(h + 1) * (m // 2)], sin[..., h * (m // 2):(h + 1) * (m // 2)]
+        out += [a * c - b * s_, b * c + a * s_]
+    return jnp.concatenate(out, axis=-1)
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection ([q | k | v], heads contiguous)."""
 
     num_heads: int
     attn_dropout: float = 0.0
     proj_dropout: float = 0.0
+    use_bias: bool = True
+    qk_norm: bool = False
+    norm_kind: str = "vit"
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True):
-        # x: [B, L, D]; key_mask: [B, L] bool, True = token may be attended to.
+    def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
+                 rope: Optional[jax.Array] = None):
+        # x: [B, L, D]; key_mask: [B, L] bool, True = token may be attended to;
+        # rope: [B, L, hd/2] rotation angles or None.
         b, l, d = x.shape
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
         hd = d // self.num_heads
-        qkv = dense(3 * d, "qkv", self.dtype)(x)  # [B, L, 3D]
+        qkv = dense(3 * d, "qkv", self.dtype, self.use_bias)(x)  # [B, L, 3D]
         qkv = qkv.reshape(b, l, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, hd]
+        if self.qk_norm:
+            q = block_norm(self.norm_kind, "q_norm", self.dtype)(q)
+            k = block_norm(self.norm_kind, "k_norm", self.dtype)(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
         logits = logits.astype(jnp.float32)
         if key_mask is not None:
@@ -56,7 +124,7 @@ class Attention(nn.Module):
         if self.attn_dropout > 0:
             probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, d)
-        out = dense(d, "proj", self.dtype)(out)
+        out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
             out = nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
         return out
@@ -80,26 +148,60 @@ class Mlp(nn.Module):
         return h
 
 
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases."""
+
+    hidden: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        d = x.shape[-1]
+        h = nn.silu(dense(self.hidden, "w1", self.dtype, False)(x)) * dense(
+            self.hidden, "w3", self.dtype, False)(x)
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = dense(d, "w2", self.dtype, False)(h)
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return h
+
+
 class ViTBlock(nn.Module):
-    """x + Attn(LN(x)); x + MLP(LN(x))."""
+    """x + [post-norm] Attn(norm(x)); x + [post-norm] MLP(norm(x)). ``kind``: vit | llama."""
 
     num_heads: int
     mlp_ratio: float = 4.0
     attn_dropout: float = 0.0
     proj_dropout: float = 0.0
     dtype: Any = jnp.float32
+    kind: str = "vit"
+    qk_norm: bool = False
+    post_norm: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True):
+    def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
+                 rope: Optional[jax.Array] = None):
         # x: [B, L, D]
         d = x.shape[-1]
-        h = layer_norm("norm1", self.dtype)(x)
-        x = x + Attention(self.num_heads, self.attn_dropout, self.proj_dropout, self.dtype,
-                          name="attn")(h, key_mask, deterministic)
-        h = layer_norm("norm2", self.dtype)(x)
-        x = x + Mlp(int(d * self.mlp_ratio), self.proj_dropout, self.dtype, name="mlp")(
-            h, deterministic)
-        return x
+        llama = self.kind == "llama"
+        h = block_norm(self.kind, "norm1", self.dtype)(x)
+        h = Attention(self.num_heads, self.attn_dropout, self.proj_dropout, not llama,
+                      self.qk_norm, self.kind, self.dtype, name="attn")(
+                          h, key_mask, deterministic, rope)
+        if self.post_norm:
+            h = block_norm(self.kind, "post_norm1", self.dtype)(h)
+        x = x + h
+        h = block_norm(self.kind, "norm2", self.dtype)(x)
+        if llama:
+            h = SwiGLU(swiglu_hidden(d), self.proj_dropout, self.dtype, name="mlp")(h, deterministic)
+        else:
+            h = Mlp(int(d * self.mlp_ratio), self.proj_dropout, self.dtype, name="mlp")(
+                h, deterministic)
+        if self.post_norm:
+            h = block_norm(self.kind, "post_norm2", self.dtype)(h)
+        return x + h
 
 
 class BlockStack(nn.Module):
@@ -113,11 +215,16 @@ class BlockStack(nn.Module):
     remat: bool = False
     dtype: Any = jnp.float32
     prefix: str = "blocks"
+    kind: str = "vit"
+    qk_norm: bool = False
+    post_norm: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True):
+    def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
+                 rope: Optional[jax.Array] = None):
         block_cls = nn.remat(ViTBlock, static_argnums=(3,)) if self.remat else ViTBlock
         for i in range(self.depth):
             x = block_cls(self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
-                          self.dtype, name=f"{self.prefix}_{i}")(x, key_mask, deterministic)
+                          self.dtype, self.kind, self.qk_norm, self.post_norm,
+                          name=f"{self.prefix}_{i}")(x, key_mask, deterministic, rope)
         return x
