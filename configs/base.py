@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         post_norm=False,
         pos_emb="learned",          # learned | rope2d
         head_mlp=True,              # categorical head: MLP before the output table
+        time_cond="none",           # none (no time input, eMIGM/ITM) | explicit (DI's ETM)
         dtype="float32",            # compute dtype: float32 | bfloat16 (params stay fp32)
         remat=False,
     ))

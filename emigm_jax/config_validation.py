@@ -14,6 +14,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.block": ("vit", "llama"),
     "model.pos_emb": ("learned", "rope2d"),
+    "model.time_cond": ("none", "explicit"),
     "mask.distribution": ("bernoulli", "uniform_count"),
     "mask.schedule": SCHEDULE_NAMES + tuple(SCHEDULE_ALIASES),
     "mask.weight": WEIGHT_NAMES,

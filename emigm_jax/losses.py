@@ -68,7 +68,7 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
     if train:
         labels = drop_labels(rng_drop, labels, config.model.label_drop_prob)
     z = model.apply({"params": params}, tokens, draw.mask, labels, deterministic=not train,
-                    rngs={"dropout": rng_dropout}, method="transformer")
+                    t=draw.p, rngs={"dropout": rng_dropout}, method="transformer")
     z = z.astype(jnp.float32)
 
     metrics = {}

@@ -37,12 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.diffusion import ddpm as ddpm_lib
 from emigm_jax.diffusion import dpm_solver
 from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.schedules import MaskSchedule, schedule_from_config
 
 CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")
+HEAD_CAPACITIES = ("auto", "full")
 
 
 # ----------------------------------------------------------------------------- host plan
@@ -84,7 +86,11 @@ def head_capacities(sample_cfg, n: int, schedule: MaskSchedule | None = None) ->
     ever happens, the surplus stays masked and is revealed at the next step; the last step's
     bound covers everything still masked with the same margin).
     """
-    if sample_cfg.get("head_capacity", "auto") == "full":
+    mode = sample_cfg.get("head_capacity", "auto")
+    if mode not in HEAD_CAPACITIES:
+        raise ConfigError(f"config.sample.head_capacity={mode!r} is invalid: expected one of "
+                          f"{HEAD_CAPACITIES}")
+    if mode == "full":
         return np.full(int(sample_cfg.num_iter), n, np.int64)
     schedule = schedule or schedule_from_config(sample_cfg)
     g = schedule.gamma(time_grid(sample_cfg), np)
@@ -127,6 +133,15 @@ def cfg_weight(scale, schedule: str, revealed_frac):
     if schedule not in shape:
         raise ValueError(f"unknown sample.cfg_schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
     return 1.0 + (scale - 1.0) * shape[schedule](r)
+
+
+def gumbel_scale(choice_temperature: float, k, num_iter: int):
+    """MaskGIT's confidence-noise temperature after step k (0-based): linear decay to 0.
+
+    At the last step (k = num_iter - 1) it is exactly 0, so the final choice is by confidence
+    alone (and the last step reveals everything left anyway).
+    """
+    return choice_temperature * (1.0 - (k + 1.0) / num_iter)
 
 
 # ------------------------------------------------------------------------ token samplers
@@ -175,6 +190,7 @@ def _cached_sampler(key: str, config):
 
 
 def _build_sampler(config, transformer_fn):
+    validate_config(config)
     sc = config.sample
     model = build_model(config)
     n, c = seq_len(config), token_dim(config)
@@ -276,7 +292,7 @@ def _build_sampler(config, transformer_fn):
             if sc.order == "confidence":
                 logp = jax.nn.log_softmax(logits, axis=-1)
                 conf = jnp.take_along_axis(logp, drawn[..., None], axis=-1)[..., 0]
-                anneal = float(sc.choice_temperature) * (1.0 - (k + 1.0) / k_steps)
+                anneal = gumbel_scale(float(sc.choice_temperature), k, k_steps)
                 score = conf + anneal * jax.random.gumbel(r_gumbel, conf.shape)
             else:
                 score = jax.random.uniform(r_order, (b, n))

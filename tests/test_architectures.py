@@ -115,3 +115,19 @@ def test_post_norm_bounds_output_norm():
             assert rms <= 2.0 + 1e-3  # two unit-RMS branches
         else:
             assert rms > 10.0
+
+
+def test_explicit_time_conditioning():
+    c = tiny_config()
+    c.model.time_cond = "explicit"
+    params = init_params(c, jax.random.key(0))
+    model = build_model(c)
+    tokens = jax.random.normal(jax.random.key(1), (2, 16, 3))
+    mask = jnp.zeros((2, 16), bool).at[:, :8].set(True)
+    f = lambda t: np.asarray(model.apply({"params": params}, tokens, mask, jnp.array([1, 2]),
+                                         t=jnp.array([t, t]), method="transformer"))
+    assert np.abs(f(0.3) - f(0.9)).max() > 1e-4  # the ETM sees t
+    with pytest.raises(ValueError, match="needs the time"):
+        model.apply({"params": params}, tokens, mask, jnp.array([1, 2]), method="transformer")
+    # the default (implicit-time) model has no time parameters at all
+    assert "time_embed" not in init_params(tiny_config(), jax.random.key(0))

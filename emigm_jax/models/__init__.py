@@ -35,7 +35,8 @@ def build_model(config) -> MaskedGenerator:
         single_reference_semantics=m.single_reference_semantics,
         block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
         post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
-        head_mlp=m.get("head_mlp", True), remat=m.remat,
+        head_mlp=m.get("head_mlp", True), time_cond=m.get("time_cond", "none"),
+        remat=m.remat,
         dtype=DTYPES[m.dtype])
 
 

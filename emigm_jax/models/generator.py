@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from emigm_jax.models.categorical_head import CategoricalHead
-from emigm_jax.models.diffusion_head import SimpleMLPAdaLN
+from emigm_jax.models.diffusion_head import SimpleMLPAdaLN, TimestepEmbedder
 from emigm_jax.models.mae import MaskedTransformer, embed_init
 
 
@@ -65,6 +65,7 @@ class MaskedGenerator(nn.Module):
     post_norm: bool = False
     pos_emb: str = "learned"
     head_mlp: bool = True
+    time_cond: str = "none"  # none (implicit-time model, eMIGM) | explicit (DI's ETM)
     remat: bool = False
     dtype: Any = jnp.float32
 
@@ -84,6 +85,8 @@ class MaskedGenerator(nn.Module):
             vocab_size=self.vocab_size if self.head_type == "categorical" else 0,
             block=self.block, qk_norm=self.qk_norm, post_norm=self.post_norm,
             pos_emb=self.pos_emb, remat=self.remat, dtype=self.dtype)
+        if self.time_cond == "explicit":
+            self.time_embed = TimestepEmbedder(d, dtype=self.dtype, name="time_embed")
         if self.head_type == "diffusion":
             self.diffloss = DiffLoss(self.token_dim, self.head_width, self.head_depth, self.dtype)
         else:
@@ -99,9 +102,17 @@ class MaskedGenerator(nn.Module):
         emb = self.class_emb(jnp.clip(labels, 0, self.num_classes - 1))
         return jnp.where((labels < 0)[:, None], self.fake_class(), emb)
 
-    def transformer(self, tokens, mask, labels, deterministic: bool = True):
-        """tokens [B, N, C] (or [B, N] ids), mask [B, N] bool (True = masked), labels [B] -> z [B, N, D]."""
+    def transformer(self, tokens, mask, labels, deterministic: bool = True, t=None):
+        """tokens [B, N, C] (or [B, N] ids), mask [B, N] bool (True = masked), labels [B] -> z [B, N, D].
+
+        ``t`` [B] (masking time in [0, 1]) is used only with ``time_cond='explicit'``: its
+        sinusoidal embedding (of 1000 t) is added to the class condition tokens.
+        """
         cond = self.class_condition(labels)
+        if self.time_cond == "explicit":
+            if t is None:
+                raise ValueError("model.time_cond='explicit' needs the time t [B] as input")
+            cond = cond + self.time_embed(1000.0 * jnp.broadcast_to(t, labels.shape)).astype(cond.dtype)
         return self.backbone(tokens, mask, cond, self.mask_token, deterministic)
 
     def head(self, x_t, t, z):
@@ -112,9 +123,11 @@ class MaskedGenerator(nn.Module):
         """Categorical head: z [..., D] -> logits [..., K] (float32)."""
         return self.cat_head(z)
 
-    def __call__(self, tokens, mask, labels, deterministic: bool = True):
+    def __call__(self, tokens, mask, labels, deterministic: bool = True, t=None):
         """Initialises every parameter (both halves); returns z."""
-        z = self.transformer(tokens, mask, labels, deterministic)
+        if self.time_cond == "explicit" and t is None:
+            t = jnp.ones(labels.shape, jnp.float32)
+        z = self.transformer(tokens, mask, labels, deterministic, t)
         if self.head_type == "diffusion":
             flat = z.reshape(-1, z.shape[-1])
             self.head(jnp.zeros((flat.shape[0], self.token_dim), jnp.float32),
