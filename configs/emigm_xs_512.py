@@ -1,30 +1,6 @@
-"""eMIGM-XS at 512x512 (SPEC section 2 table, paper Tables 7)."""
-from configs import base
+"""eMIGM-XS at 512x512 (sizes and presets in configs/emigm_sizes.py)."""
+from configs.emigm_sizes import emigm_config
 
 
 def get_config():
-    c = base.get_config()
-    c.name = "emigm_xs_512"
-    c.model.width = 448
-    c.model.enc_depth = 10
-    c.model.dec_depth = 10
-    c.model.num_heads = 8
-    c.model.head_depth = 6
-    c.model.head_width = 1280
-    c.model.image_size = 512
-    c.model.latent_stride = 32
-    c.model.latent_channels = 32
-    c.tokenizer.name = "dcae_f32c32"
-    c.tokenizer.scale = 0.3189
-    c.data.image_size = 512
-    c.train.batch_size = 1024
-    # Paper preset: 16 iterations, DPM-Solver 8 steps [3,3,2], CFG 4.0 on (0.15, 0.35].
-    c.sample.num_iter = 16
-    c.sample.solver_steps = 8
-    c.sample.cfg_scale = 4.0
-    c.sample.cfg_t_min = 0.15
-    c.sample.cfg_t_max = 0.35
-    c.sample_presets = dict(
-        iter64=dict(num_iter=64, solver_steps=14, cfg_t_min=0.25, cfg_t_max=0.5),
-    )
-    return c
+    return emigm_config("xs", 512)
