@@ -1,0 +1,140 @@
+"""LlamaGen VQ-16 checkpoint (``vq_ds16_c2i.pt``, state dict under ``"model"``) -> Flax variables.
+
+LlamaGen's module tree (``tokenizer/tokenizer_image/vq_model.py``) and where each part lands in
+`emigm_jax.tokenizers.vq.VQModel` (whose blocks are the KL VAE's, hence KL-style names):
+
+  encoder.conv_blocks.<i>.res.<j>.*        -> encoder/down_<i>/block_<j>/*
+  encoder.conv_blocks.<i>.attn.<j>.*       -> encoder/down_<i>/attn_<j>/*     (last level only)
+  encoder.conv_blocks.<i>.downsample.conv  -> encoder/down_<i>/downsample/conv
+  decoder.conv_blocks.<k>.res.<j>.*        -> decoder/up_<n-1-k>/block_<j>/*  (k = 0 is the
+  decoder.conv_blocks.<k>.attn.<j>.*       -> decoder/up_<n-1-k>/attn_<j>/*    lowest resolution;
+  decoder.conv_blocks.<k>.upsample.conv    -> decoder/up_<n-1-k>/upsample/conv  Flax indexes levels)
+  {encoder,decoder}.mid.{0,1,2}            -> .../mid/{block_1,attn_1,block_2}
+  {encoder,decoder}.{conv_in,norm_out,conv_out}, quant_conv, post_quant_conv: same names
+  quantize.embedding.weight [K, D]         -> quantize/embedding (raw; normalised at use)
+  quantize.codebook_used [65536]           -> ignored (training-time usage statistics buffer)
+
+Leaves: GroupNorm ``weight`` -> ``scale``, ``bias`` -> ``bias``; every conv (incl. the 1x1
+q/k/v/proj_out/nin_shortcut/quant convs) ``weight`` [O, I, k, k] -> ``kernel`` [k, k, I, O].
+Coverage is checked by `emigm_jax.convert.common.convert_state_dict`: any unmatched key or
+unfilled Flax leaf raises `ConversionError` listing all of them.
+
+CLI: ``python -m emigm_jax.convert.vq --src vq_ds16_c2i.pt --dst vq16.msgpack`` writes Flax
+variables that load without torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Mapping
+
+from flax import serialization
+
+from emigm_jax.convert.common import Rule, convert_state_dict, flatten, load_state_dict, to_numpy
+from emigm_jax.tokenizers.vq import VQ16, VQConfig, vq_variable_shapes
+
+_NORMS = r"norm|norm1|norm2|norm_out"
+
+
+def _module_rules(src: str, dst: str) -> tuple[Rule, ...]:
+    """Rules for the direct parameters of the leaf modules under ``src`` (regex) -> ``dst``."""
+    pre_s = f"{src}\\." if src else ""
+    pre_d = f"{dst}." if dst else ""
+    return (
+        Rule(rf"{pre_s}(?P<leaf>{_NORMS})\.weight", rf"params.{pre_d}\g<leaf>.scale"),
+        Rule(rf"{pre_s}(?P<leaf>{_NORMS})\.bias", rf"params.{pre_d}\g<leaf>.bias"),
+        Rule(rf"{pre_s}(?P<leaf>\w+)\.weight", rf"params.{pre_d}\g<leaf>.kernel", "conv2d"),
+        Rule(rf"{pre_s}(?P<leaf>\w+)\.bias", rf"params.{pre_d}\g<leaf>.bias"),
+    )
+
+
+def vq_rules(cfg: VQConfig = VQ16) -> tuple[Rule, ...]:
+    """The LlamaGen -> Flax mapping table for ``cfg`` (the decoder's level count fixes k -> n-1-k)."""
+    n = len(cfg.decoder_ch_mult)
+    groups: list[tuple[str, str]] = [
+        (r"encoder\.conv_blocks\.(?P<i>\d+)\.res\.(?P<j>\d+)", r"encoder.down.\g<i>.block.\g<j>"),
+        (r"encoder\.conv_blocks\.(?P<i>\d+)\.attn\.(?P<j>\d+)", r"encoder.down.\g<i>.attn.\g<j>"),
+        (r"encoder\.conv_blocks\.(?P<i>\d+)\.downsample", r"encoder.down.\g<i>.downsample"),
+    ]
+    for k in range(n):
+        lvl = n - 1 - k
+        groups += [
+            (rf"decoder\.conv_blocks\.{k}\.res\.(?P<j>\d+)", rf"decoder.up.{lvl}.block.\g<j>"),
+            (rf"decoder\.conv_blocks\.{k}\.attn\.(?P<j>\d+)", rf"decoder.up.{lvl}.attn.\g<j>"),
+            (rf"decoder\.conv_blocks\.{k}\.upsample", rf"decoder.up.{lvl}.upsample"),
+        ]
+    for idx, name in enumerate(("block_1", "attn_1", "block_2")):
+        groups.append((rf"(?P<part>encoder|decoder)\.mid\.{idx}", rf"\g<part>.mid.{name}"))
+    groups.append((r"(?P<part>encoder|decoder)", r"\g<part>"))  # conv_in, norm_out, conv_out
+    groups.append(("", ""))                                     # quant_conv, post_quant_conv
+    rules: list[Rule] = [
+        Rule(r"quantize\.codebook_used", None),
+        Rule(r"quantize\.embedding\.weight", "params.quantize.embedding"),
+    ]
+    for src, dst in groups:
+        rules.extend(_module_rules(src, dst))
+    return tuple(rules)
+
+
+VQ16_RULES = vq_rules(VQ16)
+
+
+def convert_vq(state_dict: Mapping[str, Any], cfg: VQConfig = VQ16) -> dict:
+    """Flat LlamaGen VQModel state dict -> ``{'params': ...}`` for `VQModel(cfg)`."""
+    return convert_state_dict(state_dict, vq_rules(cfg), vq_variable_shapes(cfg),
+                              what="LlamaGen VQ checkpoint (vq_model.py layout)")
+
+
+def _select_state_dict(obj: Any, key: str | None, path: str) -> dict:
+    if key:
+        for k in key.split("/"):
+            if not isinstance(obj, Mapping) or k not in obj:
+                have = sorted(obj)[:20] if isinstance(obj, Mapping) else type(obj).__name__
+                raise KeyError(f"{path!r} has no entry {k!r} (of key {key!r}); top-level: {have}")
+            obj = obj[k]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path!r}[{key!r}] is a {type(obj).__name__}, not a state dict")
+    return {k: to_numpy(v) for k, v in obj.items()}
+
+
+def load_vq(path: str, cfg: VQConfig = VQ16, key: str | None = "model", *,
+            trusted_pickle: bool = False) -> dict:
+    """Flax variables from ``vq_ds16_c2i.pt`` (torch), a flat ``.safetensors`` or a converted ``.msgpack``.
+
+    ``key`` picks the state dict inside a torch checkpoint (LlamaGen's samplers use
+    ``"model"``; training snapshots also hold ``"ema"``). Training snapshots pickle an
+    ``argparse.Namespace`` (``args``), which `emigm_jax.convert.torch_io.load_pth` allows
+    without ``trusted_pickle``.
+    """
+    if path.endswith(".msgpack"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"converted VQ file not found: {path!r}")
+        with open(path, "rb") as f:
+            variables = serialization.msgpack_restore(f.read())
+        flat = {".".join(k): v for k, v in flatten(variables).items()}
+        return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),), vq_variable_shapes(cfg),
+                                  what=f"converted VQ {path!r}")
+    if path.endswith(".safetensors"):
+        return convert_vq(load_state_dict(path), cfg)
+    from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
+    return convert_vq(_select_state_dict(load_pth(path, trusted_pickle=trusted_pickle), key, path), cfg)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--src", required=True, help="vq_ds16_c2i.pt (torch) or a flat .safetensors")
+    p.add_argument("--dst", required=True, help="output .msgpack of Flax variables")
+    p.add_argument("--key", default="model", help="sub-dict holding the state dict ('model', 'ema')")
+    p.add_argument("--trusted_pickle", action="store_true",
+                   help="torch.load(weights_only=False): runs code from the file")
+    args = p.parse_args(argv)
+    variables = load_vq(args.src, VQ16, key=args.key, trusted_pickle=args.trusted_pickle)
+    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    with open(args.dst, "wb") as f:
+        f.write(serialization.msgpack_serialize(variables))
+    n = sum(v.size for v in flatten(variables).values())
+    print(f"wrote {args.dst}: {n:,} parameters")
+
+
+if __name__ == "__main__":
+    main()
