@@ -87,16 +87,23 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         source="cached",            # digits | folder | tfds | cached
-        path="",
+        path="",                    # image folder / tfds data_dir / cache dir
+        cache_dir="",               # latent cache (source=cached); falls back to path
+        labels_file="",             # optional class-dir -> label file for source=folder
+        tfds_name="imagenet2012",
         num_train_images=1281167,
         image_size=256,
         num_workers=8,
     ))
 
     c.tokenizer = ml_collections.ConfigDict(dict(
-        name="kl16",                # kl16 | dcae_f32c32 | identity
-        path="",
+        name="kl16",                # kl16 | dcae_f32c32 | vq | identity
+        path="",                    # weights file (converted .msgpack or official format)
         scale=0.2325,
+        arch=None,                  # architecture overrides (tiny test tokenizers)
+        random_init=False,          # random weights (tests and benchmarks only)
+        seed=0,
+        dtype="float32",
     ))
 
     # Sampling (SPEC section 4): eMIGM 16-iteration preset.

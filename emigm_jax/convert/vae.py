@@ -1,0 +1,87 @@
+"""MAR's KL-16 VAE checkpoint (``kl16.ckpt``, state dict under ``"model"``) -> Flax variables.
+
+The Flax module (`emigm_jax.tokenizers.vae.AutoencoderKL`) mirrors MAR's torch module tree,
+so the table below is a renaming plus layout transposes:
+
+  <m>.{norm,norm1,norm2,norm_out}.weight  [C]            -> params/<m>/<norm>/scale
+  <m>.weight (every conv, incl. 1x1 q/k/v) [O, I, k, k]  -> params/<m>/kernel [k, k, I, O]
+  <m>.bias                                [O]            -> params/<m>/bias
+  loss.*  (LDM training-only LPIPS/discriminator, if present)  -> ignored
+
+with ModuleList indices folded into names (``down.4.attn.1`` -> ``down_4/attn_1``). Any other
+key, or any unfilled Flax leaf, is an error listing the offenders (`convert.common`).
+
+CLI: ``python -m emigm_jax.convert.vae --src kl16.ckpt --dst kl16.msgpack`` writes Flax
+variables that load without torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import serialization
+
+from emigm_jax.convert.common import Rule, convert_state_dict, load_state_dict
+from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
+
+KL16_RULES: tuple[Rule, ...] = (
+    Rule(r"loss\..*", None),
+    Rule(r"(?P<m>(?:.+\.)?(?:norm|norm1|norm2|norm_out))\.weight", r"params.\g<m>.scale"),
+    Rule(r"(?P<m>.+)\.weight", r"params.\g<m>.kernel", "conv2d"),
+    Rule(r"(?P<m>.+)\.bias", r"params.\g<m>.bias"),
+)
+
+
+def variable_shapes(cfg: KLVAEConfig = KL16) -> Mapping[str, Any]:
+    """Shapes/dtypes of the Flax variables (no allocation)."""
+    size = cfg.stride * 2
+    x = jax.ShapeDtypeStruct((1, size, size, cfg.in_channels), jnp.float32)
+    return jax.eval_shape(lambda: AutoencoderKL(cfg).init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
+
+
+def convert_kl_vae(state_dict: Mapping[str, Any], cfg: KLVAEConfig = KL16) -> dict:
+    """Flat MAR/LDM AutoencoderKL state dict -> ``{'params': ...}`` for `AutoencoderKL(cfg)`."""
+    return convert_state_dict(state_dict, KL16_RULES, variable_shapes(cfg),
+                              what="KL VAE checkpoint (MAR vae.py layout)")
+
+
+def load_kl_vae(path: str, cfg: KLVAEConfig = KL16, key: str | None = "model") -> dict:
+    """Flax variables from ``kl16.ckpt`` (torch), a ``.safetensors`` file or a converted ``.msgpack``."""
+    if path.endswith(".msgpack"):
+        with open(path, "rb") as f:
+            variables = serialization.msgpack_restore(f.read())
+        # Re-run the coverage check on the restored tree (names and shapes).
+        flat = {".".join(k): v for k, v in _flatten_named(variables)}
+        return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),), variable_shapes(cfg),
+                                  what=f"converted KL VAE {path!r}")
+    sd = load_state_dict(path, key=None if path.endswith(".safetensors") else key)
+    return convert_kl_vae(sd, cfg)
+
+
+def _flatten_named(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _flatten_named(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--src", required=True, help="kl16.ckpt (torch) or .safetensors")
+    p.add_argument("--dst", required=True, help="output .msgpack of Flax variables")
+    p.add_argument("--key", default="model", help="sub-dict holding the state dict")
+    args = p.parse_args(argv)
+    variables = load_kl_vae(args.src, KL16, key=args.key)
+    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
+    with open(args.dst, "wb") as f:
+        f.write(serialization.msgpack_serialize(variables))
+    n = sum(v.size for _, v in _flatten_named(variables))
+    print(f"wrote {args.dst}: {n:,} parameters")
+
+
+if __name__ == "__main__":
+    main()

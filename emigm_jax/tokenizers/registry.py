@@ -1,0 +1,202 @@
+"""One interface over the image tokenizers: images <-> "moments" <-> tokens [B, N, C].
+
+Why "moments": the latent cache stores what the tokenizer's encoder determines, before any
+randomness — KL-16's posterior (mean, logvar), K = 2; DC-AE's deterministic latent, K = 1 —
+as an array [B, K, h, w, C]. Tokens are derived from moments by `moments_to_tokens`
+(sample z = mean + std * eps for KL, take the latent for DC-AE, multiply by ``scale``, flatten
+the h x w grid in raster order), identically on device (JAX) and on host (numpy, see
+`emigm_jax.data.latent_dataset`).
+
+Names: ``kl16`` (MAR's KL-16, scale 0.2325) and ``dcae_f32c32`` (DC-AE f32c32-in-1.0, scale
+0.3189). ``arch`` overrides architecture fields (tiny test models with the same code).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
+from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
+
+DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189}
+TOKENIZER_NAMES = tuple(DEFAULT_SCALES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """A Flax autoencoder plus how its latents become tokens.
+
+    num_moments: K, 2 for a Gaussian posterior (mean, logvar), 1 for a deterministic latent.
+    """
+    name: str
+    module: Any          # AutoencoderKL | AutoencoderDC
+    arch: Any            # KLVAEConfig | DCAEConfig
+    scale: float
+    num_moments: int
+
+    @property
+    def stride(self) -> int:
+        return self.arch.stride
+
+    @property
+    def channels(self) -> int:
+        return self.arch.embed_dim if self.num_moments == 2 else self.arch.latent_channels
+
+    @property
+    def stochastic(self) -> bool:
+        return self.num_moments == 2
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        if image_size % self.stride:
+            raise ValueError(f"image size {image_size} is not a multiple of the {self.name} "
+                             f"stride {self.stride}")
+        g = image_size // self.stride
+        return g, g, self.channels
+
+    def variable_shapes(self, image_size: int | None = None):
+        s = image_size or self.stride
+        return jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0),
+                                                       jnp.zeros((1, s, s, 3), jnp.float32)))
+
+    def random_variables(self, seed: int = 0) -> dict:
+        """Random weights for tests and benchmarks (real use loads converted weights).
+
+        Filled with numpy over the abstract shapes rather than by ``module.init``, which
+        compiles every initializer and takes tens of seconds for these conv stacks. Kernels
+        ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.05^2), biases ~ N(0, 0.02^2), BatchNorm
+        statistics mean ~ N(0, 0.05^2), var ~ U(0.5, 1.5).
+        """
+        rng = np.random.default_rng(seed)
+
+        def fill(path, leaf):
+            names = [getattr(p, "key", str(p)) for p in path]
+            shape, name = leaf.shape, names[-1]
+            if names[0] == "batch_stats":
+                a = rng.uniform(0.5, 1.5, shape) if name == "var" else 0.05 * rng.standard_normal(shape)
+            elif name == "kernel":
+                a = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+            elif name == "scale":
+                a = 1.0 + 0.05 * rng.standard_normal(shape)
+            else:
+                a = 0.02 * rng.standard_normal(shape)
+            return a.astype(leaf.dtype)
+        return jax.tree_util.tree_map_with_path(fill, self.variable_shapes())
+
+    def encode_moments(self, variables, images: jax.Array) -> jax.Array:
+        """Images [B, H, W, 3] in [-1, 1] -> moments [B, K, h, w, C] float32."""
+        if self.num_moments == 2:
+            mean, logvar = self.module.apply(variables, images, method=AutoencoderKL.encode)
+            return jnp.stack([mean, logvar], axis=1)
+        z = self.module.apply(variables, images, method=AutoencoderDC.encode)
+        return z[:, None]
+
+    def moments_to_tokens(self, moments: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """[B, K, h, w, C] -> scaled tokens [B, h*w, C] (raster order)."""
+        if self.num_moments == 2:
+            if rng is None:
+                raise ValueError(f"{self.name} latents are stochastic: pass an rng")
+            mean, logvar = moments[:, 0], moments[:, 1]
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+        else:
+            z = moments[:, 0]
+        b, h, w, c = z.shape
+        return (z * self.scale).reshape(b, h * w, c)
+
+    def images_to_tokens(self, variables, images: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """uint8 [B, H, W, 3] or float in [-1, 1] -> tokens [B, N, C] (on-the-fly training)."""
+        if images.dtype == jnp.uint8:
+            images = images.astype(jnp.float32) / 127.5 - 1.0
+        return self.moments_to_tokens(self.encode_moments(variables, images), rng)
+
+    def decode_tokens(self, variables, tokens: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
+        """Scaled tokens [B, N, C] -> images [B, H, W, 3] (roughly [-1, 1])."""
+        b, n, c = tokens.shape
+        if grid is None:
+            g = int(round(n ** 0.5))
+            if g * g != n:
+                raise ValueError(f"{n} tokens is not a square grid: pass grid=(h, w)")
+            grid = (g, g)
+        z = (tokens / self.scale).reshape(b, grid[0], grid[1], c)
+        method = AutoencoderKL.decode if self.num_moments == 2 else AutoencoderDC.decode
+        return self.module.apply(variables, z, method=method)
+
+
+def _to_plain(value):
+    """ConfigDict/list overrides -> hashable tuples for the frozen arch dataclasses."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_plain(v) for v in value)
+    return value
+
+
+def build_tokenizer(name: str, *, scale: float | None = None, arch: Mapping | None = None,
+                    dtype: Any = jnp.float32, precision: Any = None) -> Tokenizer:
+    """A `Tokenizer` by registry name; ``arch`` overrides architecture fields."""
+    if name not in DEFAULT_SCALES:
+        raise ValueError(f"unknown tokenizer {name!r}: expected one of {TOKENIZER_NAMES}")
+    scale = DEFAULT_SCALES[name] if scale is None else float(scale)
+    overrides = _to_plain(arch or {})
+    base, cls, module_cls, k = {
+        "kl16": (KL16, KLVAEConfig, AutoencoderKL, 2),
+        "dcae_f32c32": (DC_AE_F32C32_IN, DCAEConfig, AutoencoderDC, 1),
+    }[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"tokenizer.arch fields {bad} do not exist for {name}; known: {sorted(known)}")
+    cfg = dataclasses.replace(base, **overrides)
+    return Tokenizer(name, module_cls(cfg, dtype=dtype, precision=precision), cfg, scale, k)
+
+
+def load_tokenizer_variables(tok: Tokenizer, path: str) -> dict:
+    """Converted Flax variables from an official checkpoint (or a converted .msgpack)."""
+    if tok.name == "kl16":
+        from emigm_jax.convert.vae import load_kl_vae  # pylint: disable=import-outside-toplevel
+        return load_kl_vae(path, tok.arch)
+    from emigm_jax.convert.dcae import load_dcae  # pylint: disable=import-outside-toplevel
+    return load_dcae(path, tok.arch)[0]
+
+
+def tokenizer_from_config(config, *, dtype: Any = None) -> tuple[Tokenizer, dict]:
+    """(Tokenizer, variables) from ``config.tokenizer``.
+
+    Fields: name, path (weights), scale; optional ``arch`` (dict of architecture overrides),
+    ``random_init`` (bool: random weights when path is empty — tests/smoke runs only),
+    ``dtype`` ('float32' | 'bfloat16').
+    """
+    t = config.tokenizer
+    dtype = dtype or jnp.dtype(t.get("dtype", "float32"))
+    tok = build_tokenizer(t.name, scale=t.get("scale", None), arch=t.get("arch", None), dtype=dtype)
+    path = t.get("path", "")
+    if path:
+        return tok, load_tokenizer_variables(tok, path)
+    if t.get("random_init", False):
+        return tok, tok.random_variables(int(t.get("seed", 0)))
+    raise ValueError(
+        f"config.tokenizer.path is empty: point it at the {t.name} weights "
+        f"({'kl16.ckpt from MAR' if t.name == 'kl16' else 'the dc-ae-f32c32-in-1.0-diffusers directory'})"
+        ", or set tokenizer.random_init=True for a random-weight test run")
+
+
+# numpy twin of `Tokenizer.moments_to_tokens` for host-side input pipelines.
+def moments_to_tokens_np(moments: np.ndarray, scale: float, noise: np.ndarray | None) -> np.ndarray:
+    """[K, h, w, C] -> [h*w, C] float32; ``noise`` ~ N(0, 1) of shape [h, w, C] when K == 2."""
+    moments = np.asarray(moments, np.float32)
+    if moments.shape[0] == 2:
+        if noise is None:
+            raise ValueError("stochastic (K=2) moments need noise")
+        z = moments[0] + np.exp(0.5 * moments[1]) * noise
+    elif moments.shape[0] == 1:
+        z = moments[0]
+    else:
+        raise ValueError(f"moments must have K in (1, 2) on axis 0, got shape {moments.shape}")
+    h, w, c = z.shape
+    return (z * np.float32(scale)).reshape(h * w, c).astype(np.float32)
+
