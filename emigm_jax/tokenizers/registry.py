@@ -7,8 +7,10 @@ as an array [B, K, h, w, C]. Tokens are derived from moments by `moments_to_toke
 the h x w grid in raster order), identically on device (JAX) and on host (numpy, see
 `emigm_jax.data.latent_dataset`).
 
-Names: ``kl16`` (MAR's KL-16, scale 0.2325) and ``dcae_f32c32`` (DC-AE f32c32-in-1.0, scale
-0.3189). ``arch`` overrides architecture fields (tiny test models with the same code).
+Names: ``kl16`` (MAR's KL-16, scale 0.2325), ``dcae_f32c32`` (DC-AE f32c32-in-1.0, scale
+0.3189) and ``vq`` (LlamaGen VQ-16, discrete: K = 0, "moments" are the code ids
+[B, 1, h, w, 1] and tokens are int32 ids [B, N]). ``arch`` overrides architecture fields
+(tiny test models with the same code).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import numpy as np
 
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
 from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
+from emigm_jax.tokenizers.vq import VQ16, VQConfig, VQModel
 
-DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189}
+DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189, "vq": 1.0}
 TOKENIZER_NAMES = tuple(DEFAULT_SCALES)
 
 
@@ -30,7 +33,8 @@ TOKENIZER_NAMES = tuple(DEFAULT_SCALES)
 class Tokenizer:
     """A Flax autoencoder plus how its latents become tokens.
 
-    num_moments: K, 2 for a Gaussian posterior (mean, logvar), 1 for a deterministic latent.
+    num_moments: K, 2 for a Gaussian posterior (mean, logvar), 1 for a deterministic latent,
+    0 for a discrete codebook (tokens are ids).
     """
     name: str
     module: Any          # AutoencoderKL | AutoencoderDC
@@ -44,7 +48,13 @@ class Tokenizer:
 
     @property
     def channels(self) -> int:
+        if self.num_moments == 0:
+            return 1
         return self.arch.embed_dim if self.num_moments == 2 else self.arch.latent_channels
+
+    @property
+    def discrete(self) -> bool:
+        return self.num_moments == 0
 
     @property
     def stochastic(self) -> bool:
@@ -88,6 +98,10 @@ class Tokenizer:
 
     def encode_moments(self, variables, images: jax.Array) -> jax.Array:
         """Images [B, H, W, 3] in [-1, 1] -> moments [B, K, h, w, C] float32."""
+        if self.num_moments == 0:
+            ids = self.module.apply(variables, images, method=VQModel.encode)  # [B, h*w]
+            g = int(round(ids.shape[1] ** 0.5))
+            return ids.reshape(ids.shape[0], 1, g, g, 1)
         if self.num_moments == 2:
             mean, logvar = self.module.apply(variables, images, method=AutoencoderKL.encode)
             return jnp.stack([mean, logvar], axis=1)
@@ -95,7 +109,9 @@ class Tokenizer:
         return z[:, None]
 
     def moments_to_tokens(self, moments: jax.Array, rng: jax.Array | None) -> jax.Array:
-        """[B, K, h, w, C] -> scaled tokens [B, h*w, C] (raster order)."""
+        """[B, K, h, w, C] -> scaled tokens [B, h*w, C] (raster order); ids [B, h*w] for vq."""
+        if self.num_moments == 0:
+            return moments.reshape(moments.shape[0], -1).astype(jnp.int32)
         if self.num_moments == 2:
             if rng is None:
                 raise ValueError(f"{self.name} latents are stochastic: pass an rng")
@@ -113,7 +129,9 @@ class Tokenizer:
         return self.moments_to_tokens(self.encode_moments(variables, images), rng)
 
     def decode_tokens(self, variables, tokens: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
-        """Scaled tokens [B, N, C] -> images [B, H, W, 3] (roughly [-1, 1])."""
+        """Scaled tokens [B, N, C] (ids [B, N] for vq) -> images [B, H, W, 3] (roughly [-1, 1])."""
+        if self.num_moments == 0:
+            return self.module.apply(variables, tokens, grid, method=VQModel.decode)
         b, n, c = tokens.shape
         if grid is None:
             g = int(round(n ** 0.5))
@@ -146,6 +164,7 @@ def build_tokenizer(name: str, *, scale: float | None = None, arch: Mapping | No
     base, cls, module_cls, k = {
         "kl16": (KL16, KLVAEConfig, AutoencoderKL, 2),
         "dcae_f32c32": (DC_AE_F32C32_IN, DCAEConfig, AutoencoderDC, 1),
+        "vq": (VQ16, VQConfig, VQModel, 0),
     }[name]
     known = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(overrides) - known)
@@ -160,6 +179,9 @@ def load_tokenizer_variables(tok: Tokenizer, path: str) -> dict:
     if tok.name == "kl16":
         from emigm_jax.convert.vae import load_kl_vae  # pylint: disable=import-outside-toplevel
         return load_kl_vae(path, tok.arch)
+    if tok.name == "vq":
+        from emigm_jax.convert.vq import load_vq  # pylint: disable=import-outside-toplevel
+        return load_vq(path, tok.arch)
     from emigm_jax.convert.dcae import load_dcae  # pylint: disable=import-outside-toplevel
     return load_dcae(path, tok.arch)[0]
 
