@@ -10,17 +10,23 @@ Per step k on the grid t_k = linspace(1, t_end, num_iter + 1) (t = t_k, s = t_{k
    (gamma(t) - gamma(s)) / gamma(t). ``order='random'`` is the reference variant: one
    binomial count for the whole batch, at least 1 per step, everything left at the last
    step, positions in random order per sample. ``order='confidence'`` (categorical head) is
-   MaskGIT's: after the step ceil(N * gamma(s)) tokens stay masked, the revealed ones are
-   those with the highest log-probability plus Gumbel noise whose temperature
-   ``choice_temperature`` anneals linearly to 0.
+   MaskGIT's: after the step min(ceil(N * gamma(s)), masked - 1) tokens stay masked, the
+   revealed ones are those with the highest log-probability plus Gumbel noise whose
+   temperature ``choice_temperature`` anneals linearly to 0 (``gumbel_scale``).
 3. The revealed tokens are drawn from the head: DPM-Solver++ (deterministic, temperature
    ignored) or DDPM with temperature for the diffusion head, with CFG applied to epsilon in
    every model evaluation; temperature / top-k / top-p for the categorical head, CFG on logits.
 
-The diffusion head only runs on the tokens revealed at that step, gathered into a static
-buffer: its capacity is a per-step bound computed on the host (``StepPlan``), rounded up to a
-few buckets selected with ``lax.switch``, so the head costs O(tokens revealed) as in the
-reference rather than O(N) per step. ``sample.head_capacity='full'`` runs it on all N.
+The diffusion head only runs on the tokens revealed at that step: a ``lax.fori_loop`` over
+chunks of ``sample.head_chunk`` tokens per sample (default 16) gathered in reveal order, so
+the head costs O(tokens revealed) as in the reference rather than O(N) per step
+(``head_chunk``). ``sample.head_capacity='full'`` runs it once on all N. The head's initial
+noise is drawn per position, so both settings give the same tokens for the same key
+(DPM-Solver path; the DDPM path's per-step noise is drawn per chunk and differs).
+
+Every random number of a step comes from one flat uniform draw of that step's key (see
+``n_feat`` in ``_build_sampler``): counts and draws are reproducible, and identical whether
+the batch is sharded or not (threefry is partitionable).
 
 NFE = num_iter + number of guided steps, computed by the scan itself (``info['nfe']``) and
 predicted on the host by ``expected_nfe(config.sample)``.
@@ -45,6 +51,7 @@ from emigm_jax.schedules import MaskSchedule, schedule_from_config
 
 CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")
 HEAD_CAPACITIES = ("auto", "full")
+DEFAULT_HEAD_CHUNK = 16
 
 
 # ----------------------------------------------------------------------------- host plan
@@ -77,29 +84,25 @@ def reveal_probabilities(sample_cfg, schedule: MaskSchedule | None = None) -> np
     return np.clip(p, 0.0, 1.0)
 
 
-def head_capacities(sample_cfg, n: int, schedule: MaskSchedule | None = None) -> np.ndarray:
-    """int [K]: a bound on the tokens revealed per step, bucketed to N / 2^j.
+def head_chunk(sample_cfg, n: int) -> int:
+    """Tokens per sample in one call of the diffusion head's solver.
 
-    The expected count at step k is N * (gamma(t) - gamma(s)) (all that is left at the last
-    step, N * gamma(t)); the bound adds 8 standard deviations of a Poisson count plus 8, so
-    the probability that a step reveals more than its buffer holds is negligible (and if it
-    ever happens, the surplus stays masked and is revealed at the next step; the last step's
-    bound covers everything still masked with the same margin).
+    Each step reveals ``count`` tokens; the head runs over them in ceil(count / chunk) calls
+    of a ``lax.fori_loop`` (the count is the same for the whole batch, so every device runs
+    the same number of calls), costing O(count rounded up to the chunk) as in the reference
+    instead of O(N). ``head_capacity='full'`` makes the chunk N: one call on every position
+    per step (simplest program, most work). Because each position's initial noise does not
+    depend on the chunking, the DPM-Solver path gives the same tokens for any chunk.
     """
     mode = sample_cfg.get("head_capacity", "auto")
     if mode not in HEAD_CAPACITIES:
         raise ConfigError(f"config.sample.head_capacity={mode!r} is invalid: expected one of "
                           f"{HEAD_CAPACITIES}")
-    if mode == "full":
-        return np.full(int(sample_cfg.num_iter), n, np.int64)
-    schedule = schedule or schedule_from_config(sample_cfg)
-    g = schedule.gamma(time_grid(sample_cfg), np)
-    expected = n * (g[:-1] - g[1:])
-    expected[-1] = n * g[-2]
-    bound = np.ceil(expected + 8.0 * np.sqrt(np.maximum(expected, 1.0)) + 8.0)
-    buckets = [n // 2 ** j for j in range(5) if n // 2 ** j >= 8][::-1]
-    caps = [next((b for b in buckets if b >= x), n) for x in bound]
-    return np.asarray(caps, np.int64)
+    chunk = sample_cfg.get("head_chunk", DEFAULT_HEAD_CHUNK)
+    if not (int(chunk) == chunk and chunk >= 1):
+        raise ConfigError(f"config.sample.head_chunk={chunk!r} is invalid: expected an "
+                          "integer >= 1 (tokens per sample per head call)")
+    return n if mode == "full" else min(int(chunk), n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +112,16 @@ class StepPlan:
     p_reveal: np.ndarray   # [K]
     gamma_s: np.ndarray    # [K]
     guided: np.ndarray     # [K] bool
-    capacity: np.ndarray   # [K] int
-    buckets: tuple         # distinct capacities, ascending
+    chunk: int             # tokens per sample per head call
 
 
 def make_plan(sample_cfg, n: int) -> StepPlan:
+    """Everything the scan needs that depends only on the config (host float64)."""
     schedule = schedule_from_config(sample_cfg)
     grid = time_grid(sample_cfg)
-    caps = head_capacities(sample_cfg, n, schedule)
     return StepPlan(t=grid[:-1], s=grid[1:], p_reveal=reveal_probabilities(sample_cfg, schedule),
                     gamma_s=schedule.gamma(grid[1:], np), guided=guided_steps(sample_cfg),
-                    capacity=caps, buckets=tuple(sorted(set(int(c) for c in caps))))
+                    chunk=head_chunk(sample_cfg, n))
 
 
 def cfg_weight(scale, schedule: str, revealed_frac):
@@ -215,17 +217,18 @@ def _build_sampler(config, transformer_fn):
     def head_out(params, x, t, z):
         return model.apply({"params": params}, x, t, z, method="head")
 
-    def sample_diffusion(params, z_c, z_u, w, rng, cap: int, guided: bool, pred_idx):
-        """Draws tokens at pred_idx [B, cap] -> [B, cap, C]."""
+    def sample_diffusion(params, z_c, z_u, w, noise, rng_ddpm, cap: int, guided: bool,
+                         pred_idx):
+        """Draws the tokens at pred_idx [B, cap] from noise [B, N, C] -> [B, cap, C]."""
         b = z_c.shape[0]
         zc = _gather_rows(z_c, pred_idx).reshape(b * cap, -1)
         zu = _gather_rows(z_u, pred_idx).reshape(b * cap, -1) if guided else None
-        rng_noise, rng_ddpm = jax.random.split(rng)
-        noise = jax.random.normal(rng_noise, (b * cap, c), jnp.float32)
+        x_t = _gather_rows(noise, pred_idx).reshape(b * cap, c)
 
         def full_out(x, t):
             if not guided:
                 return head_out(params, x, t, zc)
+            # conditional and unconditional rows share x (the same noise), SPEC section 4
             out = head_out(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                            jnp.concatenate([zc, zu]))
             oc, ou = jnp.split(out, 2)
@@ -233,16 +236,26 @@ def _build_sampler(config, transformer_fn):
             return jnp.concatenate([eps, oc[:, c:]], axis=1)
 
         if sc.head_sampler == "dpm_solver":
-            x0 = dpm_solver.run_plan(lambda x, t: full_out(x, t)[:, :c], noise, solver_plan)
+            x0 = dpm_solver.run_plan(lambda x, t: full_out(x, t)[:, :c], x_t, solver_plan)
         else:
-            x0 = ddpm_lib.ddpm_sample(full_out, noise, rng_ddpm, ddpm_process, sc.temperature)
+            x0 = ddpm_lib.ddpm_sample(full_out, x_t, rng_ddpm, ddpm_process, sc.temperature)
         return x0.reshape(b, cap, c)
 
+    # Per-step randomness comes from ONE uniform draw [B, N, F] (threefry is by far the
+    # slowest thing XLA compiles here; one flat draw instead of five shaped ones cuts the
+    # sampler's compile time several fold). Features: 0 = reveal order, 1 = count (row 0), 2 = confidence Gumbel,
+    # then C normals (diffusion head noise, per position, so the head's buffer size does not
+    # change the noise a token gets) or V Gumbels (categorical draw).
+    n_feat = 3 + (int(config.model.vocab_size) if categorical else c)
+
     def step(carry, xs, params, labels):
-        tokens, mask, rng, nfe = carry
-        k, p_reveal, gamma_s, guided, bucket, is_last = xs
+        tokens, mask, nfe = carry
+        k, p_reveal, gamma_s, guided, is_last, key = xs
         b = tokens.shape[0]
-        rng, r_count, r_order, r_head, r_gumbel = jax.random.split(rng, 5)
+        # drawn flat: XLA compiles a 1-D threefry draw ~4x faster than a 3-D one
+        u = jax.random.uniform(key[0], (b * n * n_feat,), jnp.float32).reshape(b, n, n_feat)
+        tiny = jnp.finfo(jnp.float32).tiny
+        gumbel = lambda v: -jnp.log(-jnp.log(jnp.maximum(v, tiny)))
 
         # 1. transformer, with the unconditional pass only on guided steps
         def cond_only(_):
@@ -268,18 +281,16 @@ def _build_sampler(config, transformer_fn):
             keep_masked = jnp.ceil(n * gamma_s - 1e-6).astype(jnp.int32)
             count = jnp.clip(n_masked - keep_masked, 1, n_masked)
         else:
-            u = jax.random.uniform(r_count, (n,))
-            count = jnp.sum((jnp.arange(n) < n_masked) & (u < p_reveal))
+            # Binomial(n_masked, p_reveal), shared by the batch, at least 1
+            count = jnp.sum((jnp.arange(n) < n_masked) & (u[0, :, 1] < p_reveal))
             count = jnp.maximum(count, 1)
         count = jnp.where(is_last, n_masked, jnp.minimum(count, n_masked)).astype(jnp.int32)
-        if not categorical:
-            # the head's buffer for this step bounds the count (see head_capacities)
-            count = jnp.minimum(count, jnp.asarray(plan.buckets, jnp.int32)[bucket])
 
         revealed_after = (n - n_masked + count).astype(jnp.float32) / n
         w = jnp.where(guided, cfg_weight(cfg_scale, sc.cfg_schedule, revealed_after), 1.0)
 
         # 3. token values (categorical: for every position; the reveal picks some)
+        score = u[..., 0]  # random order
         if categorical:
             lc = model.apply({"params": params}, z_c, method="logits")
             if cfg_scale != 1.0 and plan.guided.any():
@@ -288,48 +299,53 @@ def _build_sampler(config, transformer_fn):
             else:
                 logits = lc
             filtered = filter_logits(logits, float(sc.temperature), int(sc.top_k), float(sc.top_p))
-            drawn = jax.random.categorical(r_head, filtered, axis=-1)  # [B, N]
+            drawn = jnp.argmax(filtered + gumbel(u[..., 3:]), axis=-1)  # [B, N] Gumbel-max
             if sc.order == "confidence":
                 logp = jax.nn.log_softmax(logits, axis=-1)
                 conf = jnp.take_along_axis(logp, drawn[..., None], axis=-1)[..., 0]
                 anneal = gumbel_scale(float(sc.choice_temperature), k, k_steps)
-                score = conf + anneal * jax.random.gumbel(r_gumbel, conf.shape)
-            else:
-                score = jax.random.uniform(r_order, (b, n))
-        else:
-            score = jax.random.uniform(r_order, (b, n))
+                score = conf + anneal * gumbel(u[..., 2])
 
         # positions to reveal: the `count` highest-scoring masked positions of each row
         score = jnp.where(mask, score, -jnp.inf)
-        rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)
+        order = jnp.argsort(-score, axis=1)  # masked positions first, best first
+        rank = jnp.argsort(order, axis=1)
         reveal = mask & (rank < count)
 
         if categorical:
             tokens = jnp.where(reveal, drawn.astype(tokens.dtype), tokens)
         else:
-            pred_order = jnp.argsort(-score, axis=1)  # revealed positions first
+            # standard normal per position: sqrt(2) erfinv(2u - 1), symmetric, |x| <= 5.4
+            v = jnp.clip(2.0 * u[..., 3:] - 1.0, -1.0 + 2.0 ** -22, 1.0 - 2.0 ** -22)
+            noise = jnp.sqrt(2.0) * jax.lax.erf_inv(v)  # [B, N, C]
 
-            def branch(cap, g):
+            ch = plan.chunk
+            # positions in reveal order, padded with a dump index n for the last chunk
+            order_pad = jnp.concatenate([order, jnp.full((b, ch), n, order.dtype)], axis=1)
+
+            def head_loop(g):
                 def run(_):
-                    idx = pred_order[:, :cap]
-                    vals = sample_diffusion(params, z_c, z_u, w, r_head, cap, g, idx)
-                    valid = _gather_rows(reveal, idx)  # [B, cap]
-                    full = jnp.zeros((b, n + 1, c), jnp.float32)
-                    pos = jnp.where(valid, idx, n)
-                    full = full.at[jnp.arange(b)[:, None], pos].set(vals)[:, :n]
-                    return full
+                    def body(j, out):
+                        start = j * ch
+                        idx = jax.lax.dynamic_slice_in_dim(order_pad, start, ch, axis=1)
+                        valid = (start + jnp.arange(ch) < count)[None, :]  # [1, ch]
+                        vals = sample_diffusion(params, z_c, z_u, w, noise,
+                                                jax.random.fold_in(key[1], j), ch, g,
+                                                jnp.minimum(idx, n - 1))
+                        pos = jnp.where(valid, idx, n)  # [B, ch]; n = dump row
+                        return out.at[jnp.arange(b)[:, None], pos].set(vals)
+                    n_calls = (count + ch - 1) // ch
+                    out = jnp.zeros((b, n + 1, c), jnp.float32)
+                    return jax.lax.fori_loop(0, n_calls, body, out)[:, :n]
                 return run
 
-            branches = []
-            guided_opts = (False, True) if (cfg_scale != 1.0 and plan.guided.any()) else (False,)
-            for cap in plan.buckets:
-                for g in guided_opts:
-                    branches.append(branch(cap, g))
-            sel = bucket * len(guided_opts) + (guided.astype(jnp.int32) if len(guided_opts) == 2 else 0)
-            new_vals = jax.lax.switch(sel, branches, None) if len(branches) > 1 else branches[0](None)
+            if cfg_scale != 1.0 and plan.guided.any():
+                new_vals = jax.lax.cond(guided, head_loop(True), head_loop(False), None)
+            else:
+                new_vals = head_loop(False)(None)
             tokens = jnp.where(reveal[..., None], new_vals, tokens)
         mask = mask & ~reveal
-        return (tokens, mask, rng, nfe), count
+        return (tokens, mask, nfe), count
 
     def sampler(params, labels, rng):
         b = labels.shape[0]
@@ -338,12 +354,12 @@ def _build_sampler(config, transformer_fn):
         else:
             tokens = jnp.zeros((b, n, c), jnp.float32)
         mask = jnp.ones((b, n), bool)
-        bucket_index = np.asarray([plan.buckets.index(int(x)) for x in plan.capacity], np.int32)
+        keys = jax.random.split(rng, (k_steps, 2))  # per step: [uniforms, DDPM noise]
         xs = (jnp.arange(k_steps, dtype=jnp.float32), jnp.asarray(plan.p_reveal, jnp.float32),
               jnp.asarray(plan.gamma_s, jnp.float32), jnp.asarray(plan.guided),
-              jnp.asarray(bucket_index), jnp.arange(k_steps) == k_steps - 1)
-        carry = (tokens, mask, rng, jnp.int32(0))
-        (tokens, mask, _, nfe), counts = jax.lax.scan(
+              jnp.arange(k_steps) == k_steps - 1, keys)
+        carry = (tokens, mask, jnp.int32(0))
+        (tokens, mask, nfe), counts = jax.lax.scan(
             functools.partial(step, params=params, labels=labels), carry, xs)
         return tokens, {"nfe": nfe, "reveal_counts": counts, "masked_left": jnp.sum(mask)}
 

@@ -1,0 +1,240 @@
+"""Sample-and-evaluate (`python -m emigm_jax.main --mode=evaluate ...`).
+
+Streams the whole pipeline per batch on the device mesh — mask-prediction sampler, tokenizer
+decode, uint8 quantisation, Inception — and only moves Inception outputs to the host, where
+running float64 Gaussians (pool3, spatial), pool3 features (precision/recall) and logits (IS)
+are accumulated. 50K samples never sit in memory as images unless `eval.save_npz` asks for the
+ADM-format sample batch (arr_0 uint8, arr_1 labels), which the official ADM evaluator reads.
+
+Labels: `num_images` class-balanced labels (50 per class for 50K / 1000 classes, as in the
+reference code), in a seeded random order so every Inception Score split sees all classes.
+
+Config (`config.eval`, all optional except inception_path):
+  inception_path   pt_inception-2015-12-05-6726825d.pth or a converted .msgpack
+  reference_path   ADM reference batch (VIRTUAL_imagenet256_labeled.npz): FID, sFID, P/R
+  fid_stats_path   FID-only stats (fid_stats_imagenet256_guided_diffusion.npz): FID
+  preprocess       'adm' (default; matches both reference files) | 'pytorch_fid'
+  num_images       0 -> config.sample.num_images
+  cache_dir        where reference pool3 features are cached ('' -> next to the file)
+  save_npz         write the samples as an ADM sample batch
+  inception_size   Inception input size (299; tests shrink it)
+When both reference files are given, `fid` is against the ADM batch and `fid_stats_fid`
+against the FID-only file (the reference code's number).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emigm_jax.evaluation.inception import INCEPTION_SIZE, make_feature_fn
+from emigm_jax.evaluation.metrics import RunningStats, frechet_distance
+from emigm_jax.evaluation.reference import (FeatureSummary, compute_metrics,
+                                            load_reference_stats, reference_pool_features)
+
+EVAL_DEFAULTS = dict(inception_path="", reference_path="", fid_stats_path="", preprocess="adm",
+                     num_images=0, cache_dir="", save_npz=False, inception_size=INCEPTION_SIZE,
+                     preview=64)
+
+
+def eval_settings(config) -> dict:
+    """config.eval merged over EVAL_DEFAULTS; unknown fields are an error (typo guard)."""
+    given = config.get("eval", None)
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
+    unknown = sorted(set(given) - set(EVAL_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config.eval fields {unknown}; known: {sorted(EVAL_DEFAULTS)}")
+    s = dict(EVAL_DEFAULTS, **given)
+    if not s["num_images"]:
+        s["num_images"] = int(config.sample.num_images)
+    if s["preprocess"] not in ("adm", "pytorch_fid"):
+        raise ValueError(f"config.eval.preprocess={s['preprocess']!r}: expected 'adm' or "
+                         "'pytorch_fid'")
+    return s
+
+
+def balanced_labels(num_images: int, num_classes: int, seed: int) -> np.ndarray:
+    """[num_images] int32: ceil(num_images / C) per class, truncated, in a seeded order."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    per = -(-num_images // num_classes)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int32), per)[:num_images]
+    return labels[np.random.default_rng(seed).permutation(num_images)]
+
+
+def sample_batch_size(config, mesh) -> int:
+    """sample.batch_size rounded down to a multiple of the device count (at least one each)."""
+    n_dev = mesh.devices.size
+    bs = int(config.sample.batch_size)
+    return max(n_dev, bs - bs % n_dev)
+
+
+def make_decode_fn(config, mesh) -> Callable:
+    """jitted tokens [B, N, C] -> uint8 images [B, H, W, 3] on the mesh (tokenizer decode)."""
+    from emigm_jax import sharding as shd
+    from emigm_jax.tokenizers.registry import tokenizer_from_config
+    if config.model.head != "diffusion":
+        raise NotImplementedError("--mode=evaluate decodes continuous tokens with "
+                                  f"config.tokenizer; model.head={config.model.head!r} needs a "
+                                  "VQ decoder, which this package does not provide")
+    if int(config.model.patch_size) != 1:
+        raise NotImplementedError(f"model.patch_size={config.model.patch_size}: decoding "
+                                  "expects one token per latent position (patch_size=1)")
+    tok, variables = tokenizer_from_config(config)
+    variables = jax.device_put(variables, shd.replicated(mesh))
+    g = int(config.model.image_size) // int(config.model.latent_stride)
+
+    @functools.partial(jax.jit, out_shardings=shd.batch_sharding(mesh))
+    def decode(v, tokens):
+        x = tok.decode_tokens(v, tokens, grid=(g, g))
+        return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return lambda tokens: decode(variables, tokens)
+
+
+def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_fn: Callable,
+                         num_images: int, seed: int, keep_images: int = 0,
+                         save_all: bool = False) -> tuple[FeatureSummary, dict]:
+    """Samples `num_images` images and accumulates their Inception features.
+
+    Returns (summary, info) with info: nfe, sample_seconds, feature_seconds, labels,
+    images (the first `keep_images`, uint8 host array; all of them if save_all).
+    """
+    from emigm_jax import sampling
+    from emigm_jax import sharding as shd
+    from emigm_jax.evaluation.inception import _to_host
+
+    labels = balanced_labels(num_images, int(config.model.num_classes), seed)
+    bs = sample_batch_size(config, mesh)
+    rng = jax.random.key(seed)
+    pool = spat = None
+    pools, logits, kept = [], [], []
+    nfe, t_sample, t_feat = None, 0.0, 0.0
+    for start in range(0, num_images, bs):
+        chunk = labels[start:start + bs]
+        pad = np.concatenate([chunk, np.full(bs - len(chunk), chunk[-1], np.int32)])
+        glabels = jax.make_array_from_callback(pad.shape, shd.batch_sharding(mesh),
+                                               lambda idx, pad=pad: pad[idx])
+        t0 = time.perf_counter()
+        tokens, info = sampling.sample(params, glabels, jax.random.fold_in(rng, start), config)
+        images = jax.block_until_ready(decode_fn(tokens))
+        t1 = time.perf_counter()
+        out = feature_fn(images)
+        t_feat += time.perf_counter() - t1
+        t_sample += t1 - t0
+        nfe = int(jax.device_get(info["nfe"]))
+        n = len(chunk)
+        if pool is None:
+            pool = RunningStats.create(out["pool"].shape[1])
+            spat = RunningStats.create(out["spatial"].shape[1])
+        pool = pool.update(out["pool"][:n])
+        spat = spat.update(out["spatial"][:n])
+        pools.append(out["pool"][:n])
+        logits.append(out["logits_unbiased"][:n])
+        if save_all or sum(len(k) for k in kept) < keep_images:
+            kept.append(_to_host(images)[:n])
+        logging.info("evaluate: %d/%d images", start + n, num_images)
+    imgs = np.concatenate(kept) if kept else np.zeros((0,), np.uint8)
+    if not save_all:
+        imgs = imgs[:keep_images]
+    summary = FeatureSummary(pool, spat, np.concatenate(pools), np.concatenate(logits))
+    return summary, {"nfe": nfe, "sample_seconds": t_sample, "feature_seconds": t_feat,
+                     "labels": labels, "images": imgs}
+
+
+def _reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag: str,
+                       batch_size: int = 250) -> dict:
+    out: dict[str, float] = {}
+    ref_path, stats_path = settings["reference_path"], settings["fid_stats_path"]
+    if ref_path:
+        ref = load_reference_stats(ref_path)
+        feats = None
+        if ref.num_images:
+            feats = reference_pool_features(ref_path, feature_fn, batch_size=batch_size,
+                                            cache_dir=settings["cache_dir"] or None, tag=tag)
+        out.update(compute_metrics(summary, ref, feats))
+    else:
+        out.update(compute_metrics(summary, None))
+    if stats_path:
+        st = load_reference_stats(stats_path)
+        mu, sigma = summary.pool.finalize()
+        fid = frechet_distance(mu, sigma, st.mu, st.sigma)
+        out["fid_stats_fid" if ref_path else "fid"] = fid
+    if not (ref_path or stats_path):
+        logging.warning("evaluate: no config.eval.reference_path / fid_stats_path; only the "
+                        "Inception Score is reported")
+    return out
+
+
+def image_grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
+    """uint8 [K, H, W, 3] -> one uint8 grid image (rows of `cols`)."""
+    k, h, w, c = images.shape
+    rows = -(-k // cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i in range(k):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    return grid
+
+
+def run_tag(config, num_images: int) -> str:
+    s = config.sample
+    return (f"n{num_images}_iter{int(s.num_iter)}_{s.head_sampler}_cfg{float(s.cfg_scale):g}"
+            f"_{s.cfg_schedule}")
+
+
+def evaluate(config, params, workdir: str, mesh, *,
+             inception_variables: Any = None) -> dict:
+    """Samples, scores and writes `<workdir>/eval/<tag>.json` (+ preview PNG, optional npz).
+
+    inception_variables: preloaded Inception variables (otherwise eval.inception_path).
+    """
+    settings = eval_settings(config)
+    if inception_variables is None:
+        from emigm_jax.convert.inception import load_inception_variables
+        if not settings["inception_path"]:
+            raise ValueError("config.eval.inception_path is empty: point it at pytorch-fid's "
+                             "pt_inception-2015-12-05-6726825d.pth (or a converted .msgpack)")
+        inception_variables = load_inception_variables(settings["inception_path"])
+    feature_fn = make_feature_fn(inception_variables, preprocess=settings["preprocess"],
+                                 image_size=int(settings["inception_size"]), mesh=mesh)
+    tag = (f"{os.path.basename(settings['inception_path']) or 'given'}|{settings['preprocess']}"
+           f"|{settings['inception_size']}")
+    num_images = int(settings["num_images"])
+    summary, info = sample_and_summarize(
+        config, params, mesh, decode_fn=make_decode_fn(config, mesh), feature_fn=feature_fn,
+        num_images=num_images, seed=int(config.seed) + 1, keep_images=int(settings["preview"]),
+        save_all=bool(settings["save_npz"]))
+    metrics = _reference_metrics(summary, settings, feature_fn, tag,
+                                 batch_size=sample_batch_size(config, mesh))
+    s = config.sample
+    metrics.update({
+        "nfe": info["nfe"], "num_images": num_images, "num_iter": int(s.num_iter),
+        "cfg_scale": float(s.cfg_scale), "head_sampler": str(s.head_sampler),
+        "sample_seconds": info["sample_seconds"], "feature_seconds": info["feature_seconds"],
+        "seconds_per_image": info["sample_seconds"] / num_images,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    })
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "eval")
+        os.makedirs(out_dir, exist_ok=True)
+        name = run_tag(config, num_images)
+        with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        if len(info["images"]):
+            from PIL import Image
+            preview = info["images"][:int(settings["preview"])]
+            Image.fromarray(image_grid(preview)).save(os.path.join(out_dir, f"{name}.png"))
+        if settings["save_npz"]:
+            np.savez(os.path.join(out_dir, f"{name}.npz"), arr_0=info["images"],
+                     arr_1=info["labels"])
+        print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in metrics.items()), flush=True)
+    return metrics

@@ -1,0 +1,418 @@
+"""Train state, optimizer, the sharded train step, and the training loop.
+
+Recipe (SPEC section 3): AdamW (b1 0.9, b2 0.95, weight decay 0.02 on the transformer's >=2-D
+weights only), lr = base_lr * global_batch / 256 with linear warmup then constant, gradient
+clipping to global norm 3.0, EMA of the parameters (decay 0.9999; the EMA weights are the ones
+used for sampling), fp32 master parameters with the compute dtype from ``config.model.dtype``.
+
+Design points:
+  * The whole state is one pytree (``TrainState``), sharded by ``emigm_jax.sharding`` rules and
+    donated to a single ``jax.jit`` step with explicit in/out shardings.
+  * The step's randomness is ``fold_in(base_key, step)``: a pure function of the step number,
+    so a resumed run draws exactly what an uninterrupted run draws.
+  * Non-finite guard: a step whose loss or gradient norm is not finite leaves params, optimizer
+    state and EMA unchanged (the step counter and data still advance). The longest streak of
+    such steps is kept in the state; the loop stops with a clear error once it reaches
+    ``train.max_nonfinite_steps``. The streak is only read at log time, so the guard adds no
+    per-step host synchronisation.
+  * Gradient accumulation splits the global batch into ``train.grad_accum`` micro-batches
+    (rows i::k, so every device keeps its own rows) and averages their gradients in a
+    ``lax.scan``; each micro-batch draws its own masking time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from emigm_jax import sharding as shd
+
+LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch, rng, config, train) -> (loss, metrics)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array                  # [] int32, optimisation steps taken (incl. skipped ones)
+    params: Any                      # fp32 master parameters
+    ema_params: Any                  # EMA of params (used for sampling)
+    opt_state: Any                   # optax state
+    rng: jax.Array                   # [2] uint32 raw key data (serialisable)
+    nonfinite_streak: jax.Array      # [] int32, current run of non-finite steps
+    nonfinite_max_streak: jax.Array  # [] int32, longest run so far
+    nonfinite_total: jax.Array       # [] int32, all skipped steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and optimizer.
+
+def steps_per_epoch(config, num_examples: int) -> int:
+    return max(1, math.ceil(num_examples / int(config.train.batch_size)))
+
+
+def total_steps(config, num_examples: int) -> int:
+    """``train.num_steps`` if > 0, else ``train.epochs`` epochs."""
+    n = int(config.train.get("num_steps", -1))
+    if n > 0:
+        return n
+    return int(round(float(config.train.epochs) * steps_per_epoch(config, num_examples)))
+
+
+def warmup_steps(config, num_examples: int) -> int:
+    """``optim.warmup_steps`` if >= 0, else ``optim.warmup_epochs`` epochs."""
+    n = int(config.optim.get("warmup_steps", -1))
+    if n >= 0:
+        return n
+    return int(round(float(config.optim.warmup_epochs) * steps_per_epoch(config, num_examples)))
+
+
+def peak_lr(config) -> float:
+    """lr = base_lr * global_batch / 256 (the reference's linear scaling rule)."""
+    return float(config.optim.base_lr) * int(config.train.batch_size) / 256.0
+
+
+def lr_schedule(config, num_examples: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak lr over the warmup steps, then constant.
+
+    At step s < W the lr is peak * s / W (the reference's per-iteration epoch fraction).
+    """
+    peak, warm = peak_lr(config), warmup_steps(config, num_examples)
+    if warm <= 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm])
+
+
+def make_optimizer(config, schedule: optax.Schedule,
+                   weight_decay_mask: Any = None) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, wd with mask).
+
+    ``weight_decay_mask``: pytree of bools or a callable params -> pytree (default: the
+    model's ``emigm_jax.models.weight_decay_mask``).
+    """
+    if weight_decay_mask is None:
+        from emigm_jax.models import weight_decay_mask as model_mask  # pylint: disable=import-outside-toplevel
+        weight_decay_mask = model_mask
+    o = config.optim
+    return optax.chain(
+        optax.clip_by_global_norm(float(o.grad_clip)),
+        optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.get("eps", 1e-8)),
+                    weight_decay=float(o.weight_decay), mask=weight_decay_mask),
+    )
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation,
+                     rng: jax.Array) -> TrainState:
+    """Fresh state: EMA starts as a copy of the parameters (as in the reference)."""
+    zero = jnp.zeros((), jnp.int32)
+    key_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    return TrainState(step=zero, params=params, ema_params=jax.tree.map(jnp.copy, params),
+                      opt_state=optimizer.init(params), rng=key_data.astype(jnp.uint32),
+                      nonfinite_streak=zero, nonfinite_max_streak=zero, nonfinite_total=zero)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+def _global_norm(tree) -> jax.Array:
+    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
+
+
+def _split_microbatches(batch, k: int):
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i::k (no cross-device movement)."""
+    def split(x):
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_fn: LossFn | None = None) -> Callable[[TrainState, Any],
+                                                             tuple[TrainState, dict]]:
+    """Pure (state, batch) -> (state, metrics); jit it with ``jit_train_step``."""
+    if loss_fn is None:
+        from emigm_jax.losses import loss_fn as model_loss  # pylint: disable=import-outside-toplevel
+        loss_fn = model_loss
+    accum = int(config.train.get("grad_accum", 1))
+    ema_decay = float(config.optim.ema_decay)
+
+    def loss_and_grad(params, batch, rng):
+        def f(p):
+            return loss_fn(p, batch, rng, config, train=True)
+        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, metrics, grads
+
+    def step_fn(state: TrainState, batch) -> tuple[TrainState, dict]:
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if accum == 1:
+            loss, metrics, grads = loss_and_grad(state.params, batch, step_rng)
+        else:
+            micro = _split_microbatches(batch, accum)
+
+            def body(carry, xs):
+                i, mb = xs
+                l, m, g = loss_and_grad(state.params, mb, jax.random.fold_in(step_rng, i))
+                acc = jax.tree.map(jnp.add, carry, (l, m, g))
+                return acc, None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                loss_and_grad, state.params, jax.tree.map(lambda x: x[0], micro), step_rng))
+            (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+
+        grad_norm = _global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                               state.ema_params, new_params)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            ema_params=keep(new_ema, state.ema_params),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_streak=streak,
+            nonfinite_max_streak=jnp.maximum(state.nonfinite_max_streak, streak),
+            nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
+        )
+        out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
+                   lr=jnp.asarray(schedule(state.step), jnp.float32),
+                   nonfinite=(~ok).astype(jnp.float32))
+        return new_state, out
+
+    return step_fn
+
+
+def state_shardings(abstract_state: TrainState, mesh, rules=()) -> TrainState:
+    """Params/EMA/optimizer state by the sharding rules; scalars and the key replicated."""
+    return shd.named_shardings(abstract_state, mesh, rules)
+
+
+def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True):
+    """jax.jit with explicit shardings: state as given, batch over (data, fsdp), metrics replicated."""
+    return jax.jit(step_fn, in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, shd.replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
+def create_sharded_state(config, mesh, optimizer, init_params_fn: Callable[[jax.Array], Any],
+                         rules=()) -> tuple[TrainState, TrainState, TrainState]:
+    """(state, abstract_state, shardings): state built directly in its sharded layout.
+
+    ``init_params_fn(rng) -> params``; the init key and the train key both derive from
+    ``config.seed``.
+    """
+    init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
+    train_key = jax.random.key_data(train_rng)
+
+    def init(rng):
+        return init_train_state(init_params_fn(rng), optimizer, train_key)
+
+    abstract = jax.eval_shape(init, init_rng)
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)(init_rng)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return state, abstract, shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging.
+
+class MetricWriter:
+    """JSONL + TensorBoard scalars and images; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if self.enabled:
+            self._jsonl = open(os.path.join(workdir, "train_log.jsonl"), "a", encoding="utf-8")
+            try:
+                from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:  # pragma: no cover - tensorboardX is a requirement
+                logging.warning("tensorboardX missing: no TensorBoard events")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"train/{k}", float(v), int(step))
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        """image: [H, W] or [H, W, 3] uint8."""
+        if not (self.enabled and self._tb is not None):
+            return
+        img = image if image.ndim == 3 else image[..., None]
+        self._tb.add_image(name, img, int(step), dataformats="HWC")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    mesh: Any
+    step: int                 # step reached (== total_steps unless preempted)
+    total_steps: int
+    start_step: int           # step this run resumed from (0 for a fresh run)
+    train_seconds: float      # wall time of the loop in this run (compile included)
+    preempted: bool
+    last_metrics: dict
+
+
+Hook = Callable[[int, TrainState, Any], None]  # (step, state, checkpointer) after each step
+
+
+def train(config, workdir: str | os.PathLike, *, loss_fn: LossFn | None = None,
+          init_params_fn: Callable[[jax.Array], Any] | None = None,
+          weight_decay_mask: Any = None, hooks: Sequence[Hook] = (),
+          sample_fn: Callable[[TrainState, int], dict] | None = None,
+          handle_signals: bool = True, progress: bool | None = None) -> TrainResult:
+    """Trains ``config`` in ``workdir``, resuming from its newest checkpoint if there is one.
+
+    Args:
+      loss_fn, init_params_fn, weight_decay_mask: default to the eMIGM model
+        (``emigm_jax.losses.loss_fn``, ``emigm_jax.models.init_params``/``weight_decay_mask``).
+      hooks: called after every step (tests use them to kill or signal the process).
+      sample_fn: ``(state, step) -> {'image': uint8 grid, **scalars}``, called every
+        ``train.sample_every`` steps; the grid goes to samples/step_*.png and TensorBoard, the
+        scalars (e.g. a sample quality score) to the metric logs as ``sample/<name>``.
+      handle_signals: install the SIGTERM handler (checkpoint and stop at the next step).
+    """
+    from emigm_jax.checkpoint import Checkpointer, PreemptionWatcher  # pylint: disable=import-outside-toplevel
+    from emigm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+    workdir = os.fspath(workdir)
+    if init_params_fn is None:
+        from emigm_jax.models import init_params  # pylint: disable=import-outside-toplevel
+        init_params_fn = functools.partial(init_params, config)
+
+    mesh = shd.make_mesh(config.mesh)
+    accum = int(config.train.get("grad_accum", 1))
+    shd.check_batch_size(int(config.train.batch_size), mesh, grad_accum=accum)
+    rules = shd.rules_from_config(config)
+
+    data_iter, num_examples = pipeline.make_train_iterator(config)
+    n_total = total_steps(config, num_examples)
+    schedule = lr_schedule(config, num_examples)
+    optimizer = make_optimizer(config, schedule, weight_decay_mask)
+    state, abstract, shardings = create_sharded_state(config, mesh, optimizer, init_params_fn,
+                                                      rules)
+
+    ckpt = Checkpointer.from_config(config, workdir)
+    start = 0
+    if ckpt.latest_step() is not None:
+        del state
+        start, state = ckpt.restore(abstract, data_iter)
+        logging.info("resumed from step %d in %s", start, ckpt.directory)
+    step_fn = jit_train_step(make_train_step(config, optimizer, schedule, loss_fn), shardings, mesh)
+
+    watcher = PreemptionWatcher(ckpt, install=handle_signals)
+    writer = MetricWriter(workdir)
+    log_every = max(1, int(config.train.get("log_every", 100)))
+    sample_every = int(config.train.get("sample_every", 0))
+    max_bad = int(config.train.get("max_nonfinite_steps", 10))
+    is_main = jax.process_index() == 0
+    if progress is None:
+        progress = is_main and bool(config.train.get("progress", True))
+
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=n_total, initial=start, disable=not progress, unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    t0 = time.perf_counter()
+    t_log, step_log = t0, start
+    pending: list[dict] = []
+    last: dict = {}
+    preempted = False
+    step = start
+    try:
+        while step < n_total:
+            local = next(data_iter)
+            state, metrics = step_fn(state, shd.global_batch(local, mesh))
+            step += 1
+            pending.append(metrics)
+            if len(pending) >= 2:
+                # Bound the host's run-ahead to one step: keeps dispatch overlapped with compute
+                # but makes a stop request (SIGTERM) take effect within about one step time.
+                jax.block_until_ready(pending[-2]["loss"])
+            bar.update(1)
+
+            if step % log_every == 0 or step == n_total:
+                fetched = jax.device_get(pending)
+                pending = []
+                now = time.perf_counter()
+                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                last["steps_per_sec"] = (step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                max_streak = int(jax.device_get(state.nonfinite_max_streak))
+                last["nonfinite_total"] = float(jax.device_get(state.nonfinite_total))
+                writer.scalars(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                refresh=False)
+                if max_streak >= max_bad:
+                    raise FloatingPointError(
+                        f"loss or gradient norm was non-finite for {max_streak} consecutive "
+                        f"steps (limit train.max_nonfinite_steps={max_bad}) by step {step}; "
+                        f"updates were skipped. Lower optim.base_lr, check the data, or use "
+                        f"model.dtype='float32'. Last checkpoint: {ckpt.latest_step()}")
+
+            if sample_fn is not None and sample_every > 0 and step % sample_every == 0:
+                out = dict(sample_fn(state, step) or {})
+                grid = out.pop("image", None)
+                if is_main and grid is not None:
+                    _write_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
+                    writer.image(step, "samples", grid)
+                if out:
+                    writer.scalars(step, {f"sample/{k}": v for k, v in out.items()})
+
+            stop = watcher.should_stop(step)
+            if stop or ckpt.should_save(step) or step == n_total:
+                ckpt.save(step, state, data_iter)
+            for hook in hooks:
+                hook(step, state, ckpt)
+            if stop:
+                preempted = True
+                logging.warning("stopping at step %d after a preemption notice; rerun the same "
+                                "command to resume", step)
+                break
+        ckpt.wait()
+    finally:
+        bar.close()
+        writer.close()
+        watcher.restore_handler()
+        ckpt.close()
+    seconds = time.perf_counter() - t0
+    return TrainResult(state=state, mesh=mesh, step=step, total_steps=n_total, start_step=start,
+                       train_seconds=seconds, preempted=preempted, last_metrics=last)
+
+
+def _write_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(image, np.uint8)).save(path)
