@@ -137,6 +137,25 @@ def get_config() -> ml_collections.ConfigDict:
         iter128=dict(num_iter=128, solver_steps=14, cfg_t_min=0.05, cfg_t_max=0.4),
     ))
 
+    # Evaluation (SPEC section 6): FID Inception weights and reference statistics files.
+    c.eval = ml_collections.ConfigDict(dict(
+        inception_path="",          # pt_inception-2015-12-05-*.pth or converted .msgpack
+        reference_path="",          # ADM batch VIRTUAL_imagenet256_labeled.npz (mu, sigma, mu_s, sigma_s, arr_0)
+        fid_stats_path="",          # FID-only stats (mu, sigma), e.g. fid_stats_imagenet256_guided_diffusion.npz
+        preprocess="adm",           # adm (TF1 resize, as the published stats) | pytorch_fid
+        num_images=0,               # 0 = sample.num_images
+        cache_dir="",
+        save_npz=False,
+        inception_size=299,
+        preview=64,
+    ))
+    # NFE-vs-FID sweep grid (--mode=sweep).
+    c.sweep = ml_collections.ConfigDict(dict(
+        num_iters=(4, 8, 16, 32, 64),
+        cfg_scales=(),
+        num_images=0,
+    ))
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, keep_every=0,
                                                   async_save=True))

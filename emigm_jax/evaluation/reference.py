@@ -10,13 +10,10 @@ File kinds (both `.npz`):
   code hands to torch-fidelity): mu, sigma.
 
 `write_adm_reference` makes the first kind from any image iterator (e.g. `iter_image_folder`),
-so users can build statistics for their own data:
-  python -m emigm_jax.evaluation.reference --images=DIR --inception=pt_inception-...pth \
-      --out=my_ref.npz --image_size=256
+so users can build statistics for their own data (CLI: `emigm_jax.evaluation.make_reference`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os
@@ -266,27 +263,3 @@ def iter_image_folder(folder: str, image_size: int, batch_size: int,
     files = files[:limit] if limit else files
     for lo in range(0, len(files), batch_size):
         yield np.stack([preprocess_image(fn, image_size) for fn in files[lo:lo + batch_size]])
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write an ADM-format reference batch for a folder")
-    ap.add_argument("--images", required=True, help="folder of images (recursive)")
-    ap.add_argument("--inception", required=True, help="pt_inception-*.pth or converted .msgpack")
-    ap.add_argument("--out", required=True, help="output .npz")
-    ap.add_argument("--image_size", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=100)
-    ap.add_argument("--limit", type=int, default=0, help="use the first N images (0: all)")
-    ap.add_argument("--preprocess", default="adm", choices=("adm", "pytorch_fid"))
-    ap.add_argument("--no_images", action="store_true", help="do not store arr_0")
-    args = ap.parse_args(argv)
-    from emigm_jax.convert.inception import load_inception_variables
-    from emigm_jax.evaluation.inception import make_feature_fn
-    fn = make_feature_fn(load_inception_variables(args.inception), preprocess=args.preprocess)
-    ref = write_adm_reference(args.out, iter_image_folder(args.images, args.image_size,
-                                                          args.batch_size, args.limit or None),
-                              fn, store_images=not args.no_images)
-    print(f"wrote {ref.path}: kind={ref.kind}, images stored={ref.num_images}")
-
-
-if __name__ == "__main__":
-    main()
