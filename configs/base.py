@@ -131,6 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
         top_p=1.0,
         batch_size=64,
         num_images=50000,
+        head_capacity="auto",       # auto: head runs only on revealed tokens | full: on all N
+        head_chunk=16,              # tokens per sample per head call (auto mode)
     ))
     # Named overrides selectable with --sample_preset (SPEC section 4).
     c.sample_presets = ml_collections.ConfigDict(dict(

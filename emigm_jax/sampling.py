@@ -133,7 +133,8 @@ def cfg_weight(scale, schedule: str, revealed_frac):
              "exp": lambda r: 1.0 - jnp.exp(-5.0 * r),
              "cosine": lambda r: jnp.cos(0.5 * math.pi * (1.0 - r))}
     if schedule not in shape:
-        raise ValueError(f"unknown sample.cfg_schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
+        raise ValueError(f"unknown sample.cfg_schedule {schedule!r}; expected one of "
+                         f"{CFG_SCHEDULES}")
     return 1.0 + (scale - 1.0) * shape[schedule](r)
 
 
@@ -243,9 +244,9 @@ def _build_sampler(config, transformer_fn):
 
     # Per-step randomness comes from ONE uniform draw [B, N, F] (threefry is by far the
     # slowest thing XLA compiles here; one flat draw instead of five shaped ones cuts the
-    # sampler's compile time several fold). Features: 0 = reveal order, 1 = count (row 0), 2 = confidence Gumbel,
-    # then C normals (diffusion head noise, per position, so the head's buffer size does not
-    # change the noise a token gets) or V Gumbels (categorical draw).
+    # sampler's compile time several fold). Features: 0 = reveal order, 1 = count (row 0
+    # only), 2 = confidence Gumbel, then C normals (diffusion head noise, per position, so
+    # the head's chunking does not change the noise a token gets) or V Gumbels (categorical).
     n_feat = 3 + (int(config.model.vocab_size) if categorical else c)
 
     def step(carry, xs, params, labels):
@@ -370,6 +371,9 @@ def sample(params, labels: jax.Array, rng: jax.Array, config):
     """Samples tokens for ``labels`` [B] (-1 = unconditional) with ``config.sample``.
 
     Returns (tokens [B, N, C] float32 or [B, N] int32, info) with info['nfe'] the forward
-    passes per image actually spent and info['reveal_counts'] [num_iter] tokens per step.
+    passes per image actually spent, info['reveal_counts'] [num_iter] tokens revealed per
+    step (the same for every image) and info['masked_left'] (always 0). Compiled once per
+    (model, sample) config and input shapes; ``rng`` fixes the result, also when the batch
+    is sharded over devices.
     """
     return make_sampler(config)(params, labels, rng)
