@@ -133,6 +133,17 @@ def get_config() -> ml_collections.ConfigDict:
         num_images=50000,
         head_capacity="auto",       # auto: head runs only on revealed tokens | full: on all N
         head_chunk=16,              # tokens per sample per head call (auto mode)
+        # Companion-paper inference switches (COMPANION.md; all off by default).
+        reveal="auto",              # auto (count if order=confidence else bernoulli) | bernoulli | euler | count
+        final_argmax=False,         # DI: last step takes argmax p_theta for every still-masked token
+        cfg_space="auto",           # auto (eps diffusion / logits categorical) | eps | logits | probs
+        gumbel_anneal="linear",     # linear | none  (COMPANION's gumbel_temp = choice_temperature)
+        noise_reg="none",           # none | abs_cos | half_abs_cos  (BAG eq. 1)
+        noise_reg_scale=1.0,
+        diff_frac=0.0,              # BAG differential sampling fraction z in [0, 1]; 0 = off
+        argmax_from=-1,             # step from which tokens take the argmax; -1 = off
+        z_sampling="none",          # none | masked | random | recover  (BAG Z-sampling)
+        z_steps=-1,                 # zig-zag the first z_steps steps; -1 = all
     ))
     # Named overrides selectable with --sample_preset (SPEC section 4).
     c.sample_presets = ml_collections.ConfigDict(dict(

@@ -26,6 +26,11 @@ CHOICES = {
     "sample.solver_method": ("singlestep", "multistep"),
     "sample.solver_skip": ("logSNR", "time_uniform"),
     "sample.cfg_schedule": ("constant", "linear", "power", "cubic", "exp", "cosine"),
+    "sample.reveal": ("auto", "bernoulli", "euler", "count"),
+    "sample.cfg_space": ("auto", "eps", "logits", "probs"),
+    "sample.gumbel_anneal": ("linear", "none"),
+    "sample.noise_reg": ("none", "abs_cos", "half_abs_cos"),
+    "sample.z_sampling": ("none", "masked", "random", "recover"),
 }
 
 
@@ -50,8 +55,8 @@ def _require(cond: bool, field: str, value, expected: str):
 def validate_config(config) -> None:
     """Raises ConfigError naming the first bad field; returns None when the config is usable."""
     for field, allowed in CHOICES.items():
-        section = field.split(".")[0]
-        if section not in config:
+        section, name = field.split(".")
+        if section not in config or name not in config[section]:
             continue
         value = _get(config, field)
         _require(value in allowed, field, value, f"one of {allowed}")
