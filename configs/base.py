@@ -70,7 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
         b2=0.95,
         weight_decay=0.02,
         grad_clip=3.0,
+        eps=1e-8,
         warmup_epochs=100,
+        warmup_steps=-1,            # >= 0 overrides warmup_epochs
         ema_decay=0.9999,
     ))
 
@@ -83,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
         max_nonfinite_steps=10,
         log_every=100,
         sample_every=0,
+        progress=True,              # tqdm progress bar
     ))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -169,7 +172,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_images=0,
     ))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, keep_every=0,
                                                   async_save=True))
     return c

@@ -3,10 +3,15 @@
 The recipe is eMIGM's (SPEC sections 1-4): Bernoulli masking with the exp schedule and
 t_min = 0.2, the MAE encoder-decoder, a per-token diffusion head (iDDPM hybrid loss), CFG with
 the mask token as the unconditional class, interval CFG at sampling with DPM-Solver++.
-What changes is the size (README command 1 must train, sample and score in minutes):
-one 4-channel token per 2x2 patch (16 tokens), width 128, 2+2 blocks, a 3x128 head, no
-dropout, a larger lr (small models and batches tolerate it) with a short warmup, and a faster
-EMA (0.9999 would average over far more steps than the run has).
+What changes is the size (README command 1 must train, sample and score in minutes on two
+CPU cores): one 4-channel token per 2x2 patch (16 tokens), width 64, 2+2 blocks, a 3x64
+head (0.31M parameters), no dropout, 600 steps of batch 128 (53 epochs), a larger lr (small
+models and batches tolerate it) with a short warmup, and a faster EMA (0.9999 would average
+over far more steps than the run has; 0.999 still holds ~55% of the random init at step
+600). Sampling: 8 mask-prediction steps, DPM-Solver++ (8 solver steps), CFG 3.0 with the
+mask token as the unconditional class on the interval (0.1, 0.6] -> NFE 12.
+Measured (benchmarks/RESULTS.md): sample class accuracy 0.976 (seed 0) / 0.934 (seed 1),
+classifier FD 1.25 / 1.09 (real images: accuracy 0.972, FD floor 0.46).
 
     python -m emigm_jax.main --config=configs/digits.py --workdir=runs/digits
 """
@@ -19,27 +24,27 @@ def get_config():
     c.seed = 0
 
     m = c.model
-    m.width, m.enc_depth, m.dec_depth, m.num_heads = 128, 2, 2, 4
+    m.width, m.enc_depth, m.dec_depth, m.num_heads = 64, 2, 2, 4
     m.mlp_ratio = 4.0
     m.buffer_size = 4
     m.num_classes = 10
     m.image_size, m.latent_stride, m.patch_size, m.latent_channels = 8, 1, 2, 1
     m.attn_dropout = m.proj_dropout = 0.0
-    m.head_depth, m.head_width = 3, 128
+    m.head_depth, m.head_width = 3, 64
     m.diffusion_batch_mul = 4
     m.dtype = "float32"
 
     # Masking: the eMIGM defaults of base.py (bernoulli, exp, t_min 0.2, w = 1).
 
     o = c.optim
-    o.base_lr = 1e-3            # lr = 1e-3 at batch 256
+    o.base_lr = 2e-3            # lr = base_lr * 128 / 256 = 1e-3
     o.warmup_epochs = 0
-    o.warmup_steps = 100        # overrides warmup_epochs when >= 0
-    o.ema_decay = 0.999
+    o.warmup_steps = 50         # overrides warmup_epochs when >= 0
+    o.ema_decay = 0.99
 
     t = c.train
-    t.batch_size = 256
-    t.num_steps = 3000
+    t.batch_size = 128
+    t.num_steps = 600
     t.log_every = 50
     t.sample_every = 0
     t.progress = True
@@ -62,16 +67,16 @@ def get_config():
     s.head_sampler = "dpm_solver"
     s.solver_steps = 8
     s.solver_order = 3
-    s.cfg_scale = 2.0
+    s.cfg_scale = 3.0
     s.cfg_schedule = "constant"
-    s.cfg_t_min = 0.0
-    s.cfg_t_max = 1.0
+    s.cfg_t_min = 0.1
+    s.cfg_t_max = 0.6
     s.batch_size = 500
     s.num_images = 500          # 50 per class for samples.npz and the score
     c.sample_presets = {}
 
     c.mesh.data, c.mesh.fsdp = -1, 1
-    c.checkpoint.every_steps = 1000
+    c.checkpoint.every_steps = 300
     c.checkpoint.keep = 2
     c.checkpoint.keep_every = 0
     c.checkpoint.async_save = True

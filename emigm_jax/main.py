@@ -42,6 +42,9 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (multi-process without auto-detect).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Comma-separated local device ids this process drives (default: "
+    "all; on Slurm/MPI GPU clusters jax defaults to one GPU per process).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ("auto", "on", "off"),
     "auto: start jax.distributed when a TPU pod / Slurm / MPI job is detected; on: always "
@@ -368,11 +371,14 @@ def _total_train_seconds(workdir: str, result) -> float:
     return float(sum(r["seconds"] for r in runs))
 
 
-def write_config(config, workdir: str) -> None:
+def write_config(config, workdir: str, mode: str = "train") -> None:
+    """The resolved config (file + overrides): config.json for training, config_<mode>.json
+    for the other modes (so sampling with other settings keeps the training record)."""
     import jax  # pylint: disable=import-outside-toplevel
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    name = "config.json" if mode == "train" else f"config_{mode}.json"
+    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
@@ -400,14 +406,18 @@ def main(argv) -> None:
         raise app.UsageError(str(e)) from e
 
     from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+    local_ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
     shd.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               mode=_DISTRIBUTED.value)
+                               local_device_ids=local_ids, mode=_DISTRIBUTED.value)
     try:
         preflight(config, _MODE.value)
     except PreflightError as e:
         raise app.UsageError(str(e)) from e
-    write_config(config, workdir)
-    run_mode(config, workdir, _MODE.value)
+    write_config(config, workdir, _MODE.value)
+    try:
+        run_mode(config, workdir, _MODE.value)
+    except (FileNotFoundError, NotImplementedError) as e:
+        sys.exit(f"error: {e}")
 
 
 def _parse_flags(argv: list[str]):

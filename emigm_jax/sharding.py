@@ -241,6 +241,8 @@ def initialize_distributed(coordinator_address: str | None = None,
     Explicit flags (coordinator address, process count and id) always win. Otherwise, in
     ``mode='auto'``, jax's cluster auto-detection is used when a multi-process environment
     (TPU pod, Slurm, Open MPI) is visible; a plain single-process run starts nothing.
+    ``local_device_ids`` selects this process's devices (default: jax's choice, which on
+    Slurm/MPI GPU clusters is one GPU per process, the local rank's).
     Must run before anything touches devices.
     """
     if mode not in ("auto", "on", "off"):
@@ -267,5 +269,7 @@ def initialize_distributed(coordinator_address: str | None = None,
         return False
     logging.info("initialising jax.distributed (auto-detect: %s)", cluster)
     _cpu_collectives()
-    jax.distributed.initialize()
+    # On Slurm/MPI jax defaults to one device per process (local_device_ids = [local rank]);
+    # pass all local GPU ids for one process per node.
+    jax.distributed.initialize(local_device_ids=local_device_ids)
     return True

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -38,6 +38,7 @@ import optax
 
 from emigm_jax import sharding as shd
 
+IMAGE_SOURCES = ("folder", "tfds")  # pipelines that yield images, encoded in the step
 LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch, rng, config, train) -> (loss, metrics)
 
 
@@ -124,6 +125,9 @@ def init_train_state(params, optimizer: optax.GradientTransformation,
 # ---------------------------------------------------------------------------------------------
 # The step.
 
+_PREPARE_STREAM = 0x5EED  # fold_in tag: the input-encoding noise stream of a step
+
+
 def _global_norm(tree) -> jax.Array:
     tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
     return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
@@ -136,10 +140,18 @@ def _split_microbatches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
+PrepareFn = Callable[[Any, Any, jax.Array], Any]  # (aux, batch, rng) -> batch with 'tokens'
+
+
 def make_train_step(config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss_fn: LossFn | None = None) -> Callable[[TrainState, Any],
-                                                             tuple[TrainState, dict]]:
-    """Pure (state, batch) -> (state, metrics); jit it with ``jit_train_step``."""
+                    loss_fn: LossFn | None = None, prepare_batch: PrepareFn | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+    """Pure (state, batch[, aux]) -> (state, metrics); jit it with ``jit_train_step``.
+
+    ``prepare_batch(aux, batch, rng)`` runs first, on device, when the input pipeline yields
+    something other than tokens (images from a folder/TFDS source: ``aux`` holds the frozen
+    tokenizer weights that encode them).
+    """
     if loss_fn is None:
         from emigm_jax.losses import loss_fn as model_loss  # pylint: disable=import-outside-toplevel
         loss_fn = model_loss
@@ -152,8 +164,10 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, metrics, grads
 
-    def step_fn(state: TrainState, batch) -> tuple[TrainState, dict]:
+    def step_fn(state: TrainState, batch, aux=None) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if prepare_batch is not None:
+            batch = prepare_batch(aux, batch, jax.random.fold_in(step_rng, _PREPARE_STREAM))
         if accum == 1:
             loss, metrics, grads = loss_and_grad(state.params, batch, step_rng)
         else:
@@ -201,19 +215,52 @@ def state_shardings(abstract_state: TrainState, mesh, rules=()) -> TrainState:
     return shd.named_shardings(abstract_state, mesh, rules)
 
 
-def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True):
-    """jax.jit with explicit shardings: state as given, batch over (data, fsdp), metrics replicated."""
-    return jax.jit(step_fn, in_shardings=(state_sharding, shd.batch_sharding(mesh)),
+def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True, aux_sharding=None):
+    """jax.jit with explicit shardings: state as given, batch over (data, fsdp), metrics
+    replicated; ``aux_sharding`` (e.g. replicated tokenizer weights) adds a third argument."""
+    in_sh = (state_sharding, shd.batch_sharding(mesh))
+    if aux_sharding is not None:
+        in_sh = in_sh + (aux_sharding,)
+    return jax.jit(step_fn, in_shardings=in_sh,
                    out_shardings=(state_sharding, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
+def image_encoder(config, mesh) -> tuple[PrepareFn, Any]:
+    """(prepare_batch, tokenizer variables on the mesh) for image sources (folder, tfds).
+
+    Images are encoded to tokens inside the train step with the frozen tokenizer of
+    ``config.tokenizer`` (KL-16: a fresh posterior sample each step). Caching latents once
+    (``emigm_jax.data.cache_latents``, ``data.source='cached'``) is much cheaper for
+    multi-epoch training; this path is for quick runs and new datasets.
+    """
+    from emigm_jax.models import seq_len, token_dim  # pylint: disable=import-outside-toplevel
+    from emigm_jax.tokenizers.registry import tokenizer_from_config  # pylint: disable=import-outside-toplevel
+
+    tok, variables = tokenizer_from_config(config)
+    grid = tok.latent_shape(int(config.data.image_size))
+    n, c = grid[0] * grid[1], grid[2]
+    if (n, c) != (seq_len(config), token_dim(config)) and not tok.discrete:
+        raise ValueError(
+            f"tokenizer {tok.name} turns {config.data.image_size}px images into {n} tokens of "
+            f"{c} channels, but the model expects {seq_len(config)} x {token_dim(config)} "
+            f"(model.image_size/latent_stride/patch_size/latent_channels)")
+    variables = jax.device_put(variables, shd.replicated(mesh))
+
+    def prepare(aux, batch, rng):
+        return {"tokens": tok.images_to_tokens(aux, batch["image"], rng),
+                "label": batch["label"]}
+    return prepare, variables
+
+
 def create_sharded_state(config, mesh, optimizer, init_params_fn: Callable[[jax.Array], Any],
-                         rules=()) -> tuple[TrainState, TrainState, TrainState]:
+                         rules=(), initialize: bool = True
+                         ) -> tuple[TrainState | None, TrainState, TrainState]:
     """(state, abstract_state, shardings): state built directly in its sharded layout.
 
     ``init_params_fn(rng) -> params``; the init key and the train key both derive from
-    ``config.seed``.
+    ``config.seed``. ``initialize=False`` returns only the abstract state (ShapeDtypeStructs
+    carrying their shardings) and shardings, e.g. to restore a checkpoint into.
     """
     init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
     train_key = jax.random.key_data(train_rng)
@@ -223,7 +270,7 @@ def create_sharded_state(config, mesh, optimizer, init_params_fn: Callable[[jax.
 
     abstract = jax.eval_shape(init, init_rng)
     shardings = state_shardings(abstract, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)(init_rng)
+    state = jax.jit(init, out_shardings=shardings)(init_rng) if initialize else None
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return state, abstract, shardings
@@ -322,16 +369,21 @@ def train(config, workdir: str | os.PathLike, *, loss_fn: LossFn | None = None,
     n_total = total_steps(config, num_examples)
     schedule = lr_schedule(config, num_examples)
     optimizer = make_optimizer(config, schedule, weight_decay_mask)
-    state, abstract, shardings = create_sharded_state(config, mesh, optimizer, init_params_fn,
-                                                      rules)
-
     ckpt = Checkpointer.from_config(config, workdir)
+    resume = ckpt.latest_step() is not None
+    state, abstract, shardings = create_sharded_state(config, mesh, optimizer, init_params_fn,
+                                                      rules, initialize=not resume)
     start = 0
-    if ckpt.latest_step() is not None:
-        del state
+    if resume:
         start, state = ckpt.restore(abstract, data_iter)
         logging.info("resumed from step %d in %s", start, ckpt.directory)
-    step_fn = jit_train_step(make_train_step(config, optimizer, schedule, loss_fn), shardings, mesh)
+    prepare, aux = (None, None)
+    if config.data.source in IMAGE_SOURCES:
+        prepare, aux = image_encoder(config, mesh)
+    step_fn = jit_train_step(make_train_step(config, optimizer, schedule, loss_fn, prepare),
+                             shardings, mesh,
+                             aux_sharding=shd.replicated(mesh) if aux is not None else None)
+    extra = () if aux is None else (aux,)
 
     watcher = PreemptionWatcher(ckpt, install=handle_signals)
     writer = MetricWriter(workdir)
@@ -354,7 +406,7 @@ def train(config, workdir: str | os.PathLike, *, loss_fn: LossFn | None = None,
     try:
         while step < n_total:
             local = next(data_iter)
-            state, metrics = step_fn(state, shd.global_batch(local, mesh))
+            state, metrics = step_fn(state, shd.global_batch(local, mesh), *extra)
             step += 1
             pending.append(metrics)
             if len(pending) >= 2:

@@ -78,11 +78,13 @@ def test_keep_last_n_and_every_k(tmp_path):
     assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [4, 8, 9, 10]
 
 
-def test_bad_retention_settings():
+def test_bad_retention_settings_and_empty_restore(tmp_path):
     with pytest.raises(ValueError, match="keep=0"):
-        Checkpointer("/tmp/unused_ckpt_dir", keep=0)
+        Checkpointer(tmp_path / "a", keep=0)
+    with pytest.raises(ValueError, match="keep_every=-1"):
+        Checkpointer(tmp_path / "b", keep_every=-1)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        Checkpointer(os.path.join("/tmp", f"empty_ckpt_{os.getpid()}")).restore(None)
+        Checkpointer(tmp_path / "c").restore(None)
 
 
 def test_should_save_schedule_and_sigterm_flag(tmp_path):

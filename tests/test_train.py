@@ -106,20 +106,22 @@ def test_default_weight_decay_mask_spares_head_and_1d_params():
     """Zero gradients: only weight decay moves params, and only the transformer's >=2-D ones."""
     c = tiny_digits_config({"optim.base_lr": 0.256, "train.batch_size": 256,
                             "optim.warmup_steps": 0, "optim.weight_decay": 0.5})
-    from emigm_jax.models import init_params
-    params = init_params(c, jax.random.key(0))
+    from emigm_jax.models import param_shapes  # the real model's tree; values don't matter
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype),
+                          param_shapes(c))
     opt = train.make_optimizer(c, train.lr_schedule(c, 1000))
-    upd, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    upd, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     decayed, spared = 0, 0
-    for path, u in jax.tree_util.tree_flatten_with_path(upd)[0]:
+    flat_p = jax.tree.leaves(jax.device_get(params))
+    flat_u = jax.tree_util.tree_flatten_with_path(jax.device_get(upd))[0]
+    for (path, u), p in zip(flat_u, flat_p):
         name = shd.path_str(path)
-        p = dict(jax.tree_util.tree_flatten_with_path(params)[0])[path]
         if "diffloss" in name or p.ndim < 2:
-            np.testing.assert_array_equal(np.asarray(u), 0.0, err_msg=name)
+            np.testing.assert_array_equal(u, 0.0, err_msg=name)
             spared += 1
         else:
-            np.testing.assert_allclose(np.asarray(u), -0.256 * 0.5 * np.asarray(p), rtol=1e-5,
-                                       err_msg=name)
+            np.testing.assert_allclose(u, -0.256 * 0.5 * p, rtol=1e-5, err_msg=name)
             decayed += 1
     assert decayed > 5 and spared > 5
 
@@ -233,3 +235,24 @@ def test_loop_stops_after_consecutive_nonfinite_steps(tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite for 3 consecutive steps"):
         train.train(c, tmp_path, loss_fn=always_nan, init_params_fn=toy_init,
                     weight_decay_mask=toy_mask)
+
+
+def test_prepare_batch_encodes_inputs_inside_the_step():
+    """Image sources: a frozen encoder (aux weights, own rng stream) makes the tokens on device."""
+    c = tiny_digits_config()
+    sched = train.lr_schedule(c, 1000)
+    opt = train.make_optimizer(c, sched, toy_mask)
+
+    def prepare(aux, batch, rng):
+        del rng  # a real encoder samples the KL posterior with it
+        return {"tokens": batch["image"] * aux["scale"], "label": batch["label"]}
+
+    enc = jax.jit(train.make_train_step(c, opt, sched, det_loss, prepare))
+    plain = jax.jit(train.make_train_step(c, opt, sched, det_loss))
+    s0 = train.init_train_state(toy_init(jax.random.key(0)), opt, jax.random.key(1))
+    b = toy_batch()
+    s_enc, m_enc = enc(s0, {"image": b["tokens"], "label": b["label"]}, {"scale": jnp.float32(2.0)})
+    s_ref, m_ref = plain(s0, {"tokens": b["tokens"] * 2.0, "label": b["label"]})
+    assert float(m_enc["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6)
+    for a, r in zip(jax.tree.leaves(s_enc.params), jax.tree.leaves(s_ref.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,134 @@
+"""The absl entry point: pre-flight errors, overrides, and the digits job end to end."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from emigm_jax import main as main_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny digits model through the real CLI (the shipped configs/digits.py plus overrides).
+TINY = ["--config.model.width=32", "--config.model.enc_depth=1", "--config.model.dec_depth=1",
+        "--config.model.head_depth=1", "--config.model.head_width=32",
+        "--config.model.diffusion_batch_mul=1", "--config.train.batch_size=32",
+        "--config.train.num_steps=4", "--config.train.log_every=2",
+        "--config.checkpoint.every_steps=2", "--config.train.progress=False",
+        "--config.sample.num_iter=2", "--config.sample.solver_steps=2",
+        "--config.sample.solver_order=2"]
+
+
+def _cli(*args, devices: int = 1, timeout: int = 600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--config=configs/digits.py",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args,devices,message", [
+    ((), 1, "--workdir is required"),
+    (("--config.optim.nope=1",), 1, "config has no field 'optim.nope'"),
+    (("--config.optimizer.lr=1",), 1, "config has no field 'optimizer'"),
+    (("--config.mask.schedule=cosin",), 1, "mask.schedule='cosin'"),
+    (("--config.train.batch_size=12",), 8, "batch_size=12 must be divisible"),
+    (("--config.mesh.data=3", "--config.mesh.fsdp=2"), 8, "needs 6 devices but 8 are available"),
+    (("--config.data.source=lmdb",), 1, "data.source='lmdb'"),
+    (("--mode=fly",), 1, "--mode"),
+])
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, args, devices, message):
+    workdir = [f"--workdir={tmp_path / 'run'}"] if args else []  # () tests the missing flag
+    proc, seconds = _cli(*workdir, *args, devices=devices, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training started
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc, _ = _cli(f"--workdir={blocker / 'run'}")
+    assert proc.returncode != 0
+    assert "cannot be created or written" in proc.stderr, proc.stderr[-2000:]
+    proc, _ = _cli(f"--workdir={blocker}")
+    assert "exists and is not a directory" in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(main_lib.PreflightError, match="cannot be created or written"):
+        main_lib.prepare_workdir("/proc/emigm_cannot_write_here")
+
+
+def test_sample_preset_is_applied_and_checked():
+    from configs import emigm_xs_256
+    c = emigm_xs_256.get_config()
+    main_lib.apply_sample_preset(c, "iter128")
+    assert (c.sample.num_iter, c.sample.cfg_t_min, c.sample.cfg_t_max) == (128, 0.18, 0.6)
+    with pytest.raises(main_lib.PreflightError, match="not in config.sample_presets"):
+        main_lib.apply_sample_preset(c, "iter7")
+
+
+def test_image_grid_layout():
+    images = np.stack([np.full((8, 8), float(i)) for i in range(6)])
+    grid = main_lib.image_grid(images, rows=2, scale=2, pad=1)
+    assert grid.shape == (2 * 17 + 1, 3 * 17 + 1) and grid.dtype == np.uint8
+    # cell (row 1, col 2) is image 5 -> 5/16*255
+    assert grid[1 + 17 + 3, 1 + 2 * 17 + 3] == int(5 / 16 * 255)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_digits_job_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    proc, _ = _cli(f"--workdir={run}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "class accuracy" in proc.stdout
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("sample_class_accuracy", "sample_fd", "real_class_accuracy", "real_fd", "nfe",
+                "train_steps", "train_seconds"):
+        assert key in metrics, key
+    assert metrics["train_steps"] == 4
+    # 2 steps at s = 0.5, 1e-5; CFG interval (0.1, 0.6] guides the first: NFE 2 + 1
+    assert metrics["nfe"] == 3
+    assert 0.0 <= metrics["sample_class_accuracy"] <= 1.0
+    assert metrics["real_class_accuracy"] > 0.95 and metrics["real_fd"] > 0
+
+    samples = np.load(run / "samples.npz")
+    images, labels = samples["images"], samples["labels"]
+    assert images.shape == (500, 8, 8) and images.dtype == np.float32
+    assert images.min() >= 0.0 and images.max() <= 16.0
+    assert np.bincount(labels, minlength=10).tolist() == [50] * 10
+
+    from PIL import Image
+    grid = Image.open(run / "samples.png")
+    assert grid.size == (10 * 33 + 1, 10 * 33 + 1)  # 10 classes x 10 samples, 8px * 4 + 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["width"] == 32 and config["train"]["num_steps"] == 4
+    rows = [json.loads(l) for l in open(run / "train_log.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit()) == [2, 4]
+
+    # --mode=sample restores the EMA weights of the newest checkpoint and scores again
+    os.remove(run / "metrics.json")
+    proc, _ = _cli(f"--workdir={run}", "--mode=sample", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "config_sample.json").exists()
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["train_steps"] == 4
+    assert again["sample_class_accuracy"] == pytest.approx(metrics["sample_class_accuracy"])
+
+
+def test_sample_mode_without_checkpoint_says_so(tmp_path):
+    proc, _ = _cli(f"--workdir={tmp_path / 'empty'}", "--mode=sample", *TINY)
+    assert proc.returncode != 0
+    assert "has none; train first" in proc.stderr, proc.stderr[-2000:]
