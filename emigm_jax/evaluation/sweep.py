@@ -1,55 +1,320 @@
-"""NFE-vs-FID sweep (`python -m emigm_jax.main --mode=sweep ...`).
+"""NFE-vs-quality sweep (`python -m emigm_jax.main --mode=sweep ...`).
 
-Re-runs sample-and-evaluate for every (num_iter, cfg_scale) of `config.sweep` with one
-tokenizer, one Inception and one reference (loaded once), and writes
-`<workdir>/sweep/sweep.{csv,md,png}`: a table of NFE, FID, sFID, IS, precision, recall and
-seconds per image, and FID against NFE (one line per CFG scale). NFE is what the sampler
-reports for each setting (interval CFG makes it num_iter + guided steps).
+Why: eMIGM's claim is a quality/compute trade-off, so the product has to show quality as a
+function of network forward passes (NFE), not one number. The sweep re-runs
+sample-and-score for every grid point and writes, in ``<workdir>/sweep/``:
 
-Config (`config.sweep`, optional):
-  num_iters    mask-prediction step counts (default 4, 8, 16, 32, 64)
-  cfg_scales   CFG scales (default: just config.sample.cfg_scale)
-  num_images   samples per point (0 -> eval.num_images; FID-10K is a common sweep size)
+  sweep.csv, sweep.md   one row per point: num_iter, cfg_scale, NFE (measured by the sampler,
+                        ``info['nfe']``, next to ``sampling.expected_nfe``), the quality
+                        metrics, CFG interval, wall time; ``pareto`` names the metrics for
+                        which the point is on the NFE-vs-quality Pareto front
+  nfe_vs_fid.png        quality against NFE, one line per setting family (CFG scale and
+                        interval), Pareto-front points ringed
+  sweep.json            rows and settings
+  points/<name>.json    one file per finished point (see resumption below)
+
+Two scorers:
+  * Inception (ImageNet-style configs): FID, sFID, IS, precision, recall, with one tokenizer,
+    one Inception and one reference loaded once for the whole grid.
+  * digits (``data.source='digits'``): class accuracy and Frechet distance in the digits
+    classifier's feature space (``emigm_jax.evaluation.digits_sweep``); minutes on a CPU.
+
+Resumption: each point's JSON carries a key hashed from the model and sample config, the
+sample count and seed, the scorer setup and a fingerprint of the parameters. A rerun reuses
+every point whose key matches, so an interrupted sweep continues where it stopped, extending
+the grid only samples the new points, and a retrained model never mixes with stale points.
+
+Config (``config.sweep``, optional):
+  num_iters      mask-prediction step counts (default 4, 8, 16, 32, 64); counts above the
+                 number of tokens per image are dropped with a warning (extra steps could
+                 only repeat forward passes that reveal nothing)
+  cfg_scales     CFG scales (default: just config.sample.cfg_scale)
+  cfg_intervals  (cfg_t_min, cfg_t_max) pairs (default: just config.sample's interval)
+  num_images     samples per point (0 -> eval.num_images, or sample.num_images for digits)
 """
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
+import hashlib
 import json
 import logging
 import os
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from emigm_jax.evaluation.evaluate import (_reference_metrics, eval_settings, make_decode_fn,
-                                           sample_and_summarize, sample_batch_size)
-from emigm_jax.evaluation.inception import make_feature_fn
+SWEEP_DEFAULTS = dict(num_iters=(4, 8, 16, 32, 64), cfg_scales=(), cfg_intervals=(),
+                      num_images=0)
+PLOT_NAME = "nfe_vs_fid.png"
+# Table columns in order; metric columns go between "nfe" and "cfg_t_min".
+LEAD_COLUMNS = ("num_iter", "cfg_scale", "nfe")
+TAIL_COLUMNS = ("cfg_t_min", "cfg_t_max", "nfe_expected", "seconds_per_image",
+                "compile_seconds", "seconds", "pareto")
+INCEPTION_COLUMNS = ("fid", "sfid", "inception_score", "precision", "recall")
 
-SWEEP_DEFAULTS = dict(num_iters=(4, 8, 16, 32, 64), cfg_scales=(), num_images=0)
-COLUMNS = ("num_iter", "cfg_scale", "nfe", "fid", "sfid", "inception_score", "precision",
-           "recall", "seconds_per_image")
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A quality column that gets a plot panel and a Pareto front."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    """One sampler setting of the sweep."""
+
+    num_iter: int
+    cfg_scale: float
+    cfg_t_min: float
+    cfg_t_max: float
+
+    @property
+    def family(self) -> str:
+        """Plot line label: points that differ only in num_iter share a family."""
+        if self.cfg_scale == 1.0:
+            return "no CFG"
+        return f"cfg {self.cfg_scale:g} on ({self.cfg_t_min:g}, {self.cfg_t_max:g}]"
+
+    @property
+    def name(self) -> str:
+        return (f"iter{self.num_iter}_cfg{self.cfg_scale:g}"
+                f"_t{self.cfg_t_min:g}-{self.cfg_t_max:g}")
+
+    def fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def apply(self, config):
+        """A copy of config with this point's sample settings."""
+        cfg = copy.deepcopy(config)
+        with cfg.unlocked() if hasattr(cfg, "unlocked") else _nullcontext():
+            cfg.sample.num_iter = self.num_iter
+            cfg.sample.cfg_scale = self.cfg_scale
+            cfg.sample.cfg_t_min = self.cfg_t_min
+            cfg.sample.cfg_t_max = self.cfg_t_max
+        return cfg
+
+
+class _nullcontext:  # ConfigDict.unlocked() stand-in for plain attribute configs
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------------ settings / grid
+def _as_dict(node) -> dict:
+    return node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
 
 
 def sweep_settings(config) -> dict:
-    given = config.get("sweep", None)
-    given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
+    """config.sweep merged over SWEEP_DEFAULTS, checked; unknown fields are an error."""
+    given = _as_dict(config.get("sweep", None))
     unknown = sorted(set(given) - set(SWEEP_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown config.sweep fields {unknown}; known: {sorted(SWEEP_DEFAULTS)}")
     s = dict(SWEEP_DEFAULTS, **given)
     s["num_iters"] = [int(k) for k in s["num_iters"]]
-    s["cfg_scales"] = [float(c) for c in s["cfg_scales"]] or [float(config.sample.cfg_scale)]
     bad = [k for k in s["num_iters"] if k < 1]
     if not s["num_iters"] or bad:
         raise ValueError(f"config.sweep.num_iters={s['num_iters']}: expected positive step counts")
+    from emigm_jax.models import seq_len  # pylint: disable=import-outside-toplevel
+    n = seq_len(config)
+    too_many = [k for k in s["num_iters"] if k > n]
+    if too_many:
+        logging.warning("sweep: config.sweep.num_iters %s exceed the %d tokens per image; "
+                        "dropped (every token is revealed after at most %d steps)", too_many, n, n)
+        s["num_iters"] = [k for k in s["num_iters"] if k <= n]
+        if not s["num_iters"]:
+            raise ValueError(f"config.sweep.num_iters={too_many}: every count exceeds the {n} "
+                             f"tokens per image; expected counts in [1, {n}]")
+    s["num_iters"] = list(dict.fromkeys(s["num_iters"]))
+    s["cfg_scales"] = [float(c) for c in s["cfg_scales"]] or [float(config.sample.cfg_scale)]
+    intervals = []
+    for pair in s["cfg_intervals"] or [(config.sample.cfg_t_min, config.sample.cfg_t_max)]:
+        try:
+            lo, hi = (float(v) for v in pair)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.sweep.cfg_intervals entry {pair!r}: expected a "
+                             f"(cfg_t_min, cfg_t_max) pair of numbers") from e
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"config.sweep.cfg_intervals entry {pair!r}: expected "
+                             f"0 <= cfg_t_min < cfg_t_max <= 1")
+        intervals.append((lo, hi))
+    s["cfg_intervals"] = intervals
+    s["num_images"] = int(s["num_images"])
+    if s["num_images"] < 0:
+        raise ValueError(f"config.sweep.num_images={s['num_images']}: expected >= 0 "
+                         "(0 = the evaluation's sample count)")
     return s
 
 
-def write_table(rows: list[dict], out_dir: str) -> dict[str, str]:
-    """sweep.csv, sweep.md and sweep.png (FID vs NFE per CFG scale) in out_dir."""
+def grid_points(settings: dict) -> list[GridPoint]:
+    """Families (scale x interval) in config order, num_iters within each.
+
+    CFG scale 1 ignores the interval, so it forms one family whatever the intervals, stored
+    with the interval (0, 1) (changing the interval does not invalidate its saved points).
+    """
+    points = []
+    for scale in settings["cfg_scales"]:
+        for lo, hi in settings["cfg_intervals"]:
+            for k in settings["num_iters"]:
+                p = GridPoint(k, 1.0, 0.0, 1.0) if scale == 1.0 else GridPoint(k, scale, lo, hi)
+                if p not in points:
+                    points.append(p)
+    return points
+
+
+# ------------------------------------------------------------------------------ resumption
+@jax.jit
+def _leaf_moments(leaves):
+    return jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                 jnp.sum(jnp.abs(x.astype(jnp.float32)))]) for x in leaves])
+
+
+def params_fingerprint(params) -> str:
+    """Short hash of the parameters' shapes, sums and absolute sums.
+
+    Cheap (one reduction per leaf on device) and enough to tell checkpoints apart, so a sweep
+    never reuses points sampled from other weights. Rounded to 5 digits against reduction-order
+    noise across device layouts.
+    """
+    leaves = jax.tree.leaves(params)
+    moments = np.asarray(jax.device_get(_leaf_moments(leaves)), np.float64)  # [L, 2]
+    text = json.dumps([[list(np.shape(x)), str(x.dtype)] for x in leaves]) + ";".join(
+        f"{v:.5e}" for v in moments.ravel())
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def point_key_fields(base: Mapping[str, Any], config) -> dict:
+    """Everything that decides a point's numbers (config.model and config.sample included)."""
+    blob = dict(base, model=_as_dict(config.model), sample=_as_dict(config.sample))
+    return json.loads(json.dumps(blob, sort_keys=True, default=str))
+
+
+def point_key(fields: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ (why a saved point is not reused)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _agree(flag: bool) -> bool:
+    """Process 0's answer on every process (all must take the same sampling path)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def run_grid(config, points: Sequence[GridPoint], out_dir: str, key_base: Mapping[str, Any],
+             run_point: Callable[[Any, GridPoint], dict]) -> list[dict]:
+    """Runs ``run_point(point_config, point)`` for every point not already on disk.
+
+    Returns one row per point: the point's fields, run_point's dict, ``seconds`` (wall time
+    of the point, sampling and scoring) and ``reused`` (loaded from points/<name>.json).
+    With several processes only process 0 reads and writes point files.
+    """
+    point_dir = os.path.join(out_dir, "points")
+    rows = []
+    for p in points:
+        cfg = p.apply(config)
+        fields = point_key_fields(key_base, cfg)
+        key = point_key(fields)
+        path = os.path.join(point_dir, f"{p.name}.json")
+        saved = None
+        if jax.process_index() == 0 and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                blob = json.load(f)
+            if blob.get("key") == key:
+                saved = blob["row"]
+            else:
+                logging.warning("sweep: %s is stale (changed: %s); sampling it again", path,
+                                ", ".join(_changed(blob.get("fields", {}), fields)) or "?")
+        if _agree(saved is not None):
+            row = dict(saved or p.fields(), reused=True)
+            logging.info("sweep: %s reused from %s", p.name, path)
+        else:
+            t0 = time.perf_counter()
+            row = dict(p.fields(), **run_point(cfg, p))
+            row["seconds"] = time.perf_counter() - t0
+            if jax.process_index() == 0:
+                os.makedirs(point_dir, exist_ok=True)
+                tmp = path + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({"key": key, "row": row, "fields": fields}, f, indent=1)
+                os.replace(tmp, path)  # a killed sweep never leaves half a point behind
+            row["reused"] = False
+            logging.info("sweep: %s", json.dumps({k: v for k, v in row.items()
+                                                  if not isinstance(v, list)}))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------ table and plot
+def pareto_front(nfe: Sequence[float], quality: Sequence[float],
+                 higher_is_better: bool = False) -> np.ndarray:
+    """bool [P]: points no other point dominates (NFE <= and quality at least as good, one
+    of them strictly). Non-finite qualities are never on the front."""
+    x = np.asarray(nfe, np.float64)
+    q = np.asarray(quality, np.float64)
+    q = -q if higher_is_better else q  # lower is better from here on
+    ok = np.isfinite(q) & np.isfinite(x)
+    front = ok.copy()
+    for i in np.flatnonzero(ok):
+        dominated = ok & (x <= x[i]) & (q <= q[i]) & ((x < x[i]) | (q < q[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def _mark_pareto(rows: list[dict], metrics: Sequence[Metric]) -> None:
+    marks = [[] for _ in rows]
+    for m in metrics:
+        idx = [i for i, r in enumerate(rows) if m.key in r and "nfe" in r]
+        if not idx:
+            continue
+        front = pareto_front([rows[i]["nfe"] for i in idx], [rows[i][m.key] for i in idx],
+                             m.higher_is_better)
+        for i, f in zip(idx, front):
+            if f:
+                marks[i].append(m.key)
+    for r, mk in zip(rows, marks):
+        r["pareto"] = "+".join(mk)
+
+
+def write_table(rows: list[dict], out_dir: str, metric_columns: Sequence[str] = INCEPTION_COLUMNS,
+                plots: Sequence[Metric] = (Metric("fid", "FID", False),), *,
+                title: str = "", notes: Sequence[str] = (),
+                references: Mapping[str, float] | None = None) -> dict[str, str]:
+    """sweep.csv, sweep.md and nfe_vs_fid.png in out_dir; returns their paths.
+
+    rows: from ``run_grid`` (sorted here by family then NFE). plots: one panel per metric,
+    quality against NFE with one line per family and the Pareto front ringed. references:
+    metric key -> real-data value drawn as a dotted line (e.g. the digits' real FD).
+    """
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"sweep.{k}") for k in ("csv", "md", "png")}
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    paths = {"csv": os.path.join(out_dir, "sweep.csv"), "md": os.path.join(out_dir, "sweep.md"),
+             "png": os.path.join(out_dir, PLOT_NAME)}
+    _mark_pareto(rows, plots)
+    order = list(LEAD_COLUMNS) + list(metric_columns) + list(TAIL_COLUMNS)
+    cols = [c for c in order if any(c in r for r in rows)]
     with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -60,35 +325,100 @@ def write_table(rows: list[dict], out_dir: str) -> dict[str, str]:
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    if notes:
+        lines += [""] + list(notes)
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for scale in sorted({r["cfg_scale"] for r in rows}):
-        pts = sorted((r["nfe"], r["fid"]) for r in rows if r["cfg_scale"] == scale and "fid" in r)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"cfg {scale:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("FID")
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
-    plt.close(fig)
+    _plot(rows, plots, paths["png"], title, references or {})
     return paths
 
 
+def _plot(rows, plots: Sequence[Metric], path: str, title: str, references: Mapping[str, float]):
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    fig, axes = plt.subplots(1, len(plots), figsize=(5 * len(plots), 3.8), squeeze=False)
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for ax, m in zip(axes[0], plots):
+        for fam in families:
+            pts = sorted((r["nfe"], r[m.key]) for r in rows
+                         if r["family"] == fam and m.key in r and np.isfinite(r[m.key]))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=fam)
+        front = sorted((r["nfe"], r[m.key]) for r in rows if m.key in r.get("pareto", "").split("+"))
+        if front:
+            ax.scatter(*zip(*front), s=140, facecolors="none", edgecolors="black", linewidths=1.2,
+                       label="Pareto front", zorder=3)
+            ax.step(*zip(*front), where="post", color="black", linestyle="--", linewidth=0.8,
+                    zorder=2)
+        if m.key in references and np.isfinite(references[m.key]):
+            ax.axhline(references[m.key], color="grey", linestyle=":", label="real data")
+        xs = sorted({r["nfe"] for r in rows if "nfe" in r})
+        if xs and max(xs) > 2 * min(xs):
+            ax.set_xscale("log", base=2)
+        if 0 < len(xs) <= 12:  # label the NFEs that were run, as plain numbers
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
+        ax.set_xlabel("NFE (network forward passes per image)")
+        ax.set_ylabel(m.label + (" (higher is better)" if m.higher_is_better
+                                 else " (lower is better)"))
+        ax.grid(True, alpha=0.3)
+        if ax.lines or ax.collections:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def finish(rows: list[dict], workdir: str, settings: dict, *, metric_columns: Sequence[str],
+           plots: Sequence[Metric], title: str = "", notes: Sequence[str] = (),
+           references: Mapping[str, float] | None = None, extra: Mapping[str, Any] | None = None
+           ) -> dict:
+    """Writes the table, plot and sweep.json on process 0 and prints the Markdown table."""
+    for r in rows:
+        r["family"] = GridPoint(r["num_iter"], r["cfg_scale"], r["cfg_t_min"],
+                                r["cfg_t_max"]).family
+    result = {"rows": rows, "num_images": settings["num_images"], **dict(extra or {})}
+    if jax.process_index() == 0:
+        out_dir = os.path.join(workdir, "sweep")
+        result["files"] = write_table(rows, out_dir, metric_columns, plots, title=title,
+                                      notes=notes, references=references)
+        with open(os.path.join(out_dir, "sweep.json"), "w", encoding="utf-8") as f:
+            json.dump({**result, "settings": {k: v for k, v in settings.items()}}, f, indent=2,
+                      default=str)
+        reused = sum(bool(r.get("reused")) for r in rows)
+        with open(result["files"]["md"], encoding="utf-8") as f:
+            print(f.read(), flush=True)
+        print(f"sweep: {len(rows)} points ({reused} reused); wrote {out_dir}/sweep.csv, "
+              f"sweep.md, {PLOT_NAME}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------ entry point
 def sweep(config, params, workdir: str, mesh, *, inception_variables=None) -> dict:
+    """--mode=sweep: the digits scorer for data.source='digits', Inception otherwise."""
+    if config.data.get("source", "") == "digits":
+        from emigm_jax.evaluation.digits_sweep import digits_sweep  # pylint: disable=import-outside-toplevel
+        return digits_sweep(config, params, workdir, mesh)
+    return inception_sweep(config, params, workdir, mesh, inception_variables=inception_variables)
+
+
+def inception_sweep(config, params, workdir: str, mesh, *, inception_variables=None) -> dict:
+    """FID / sFID / IS / precision / recall per grid point (module docstring)."""
+    from emigm_jax.evaluation.evaluate import (  # pylint: disable=import-outside-toplevel
+        _reference_metrics, eval_settings, make_decode_fn, sample_and_summarize,
+        sample_batch_size)
+    from emigm_jax.evaluation.inception import make_feature_fn  # pylint: disable=import-outside-toplevel
+    from emigm_jax.sampling import expected_nfe  # pylint: disable=import-outside-toplevel
+
     settings = eval_settings(config)
     sw = sweep_settings(config)
-    num_images = int(sw["num_images"] or settings["num_images"])
+    sw["num_images"] = num_images = int(sw["num_images"] or settings["num_images"])
     if inception_variables is None:
-        from emigm_jax.convert.inception import load_inception_variables
+        from emigm_jax.convert.inception import load_inception_variables  # pylint: disable=import-outside-toplevel
         if not settings["inception_path"]:
             raise ValueError("config.eval.inception_path is empty: point it at pytorch-fid's "
                              "pt_inception-2015-12-05-6726825d.pth (or a converted .msgpack)")
@@ -98,26 +428,23 @@ def sweep(config, params, workdir: str, mesh, *, inception_variables=None) -> di
     tag = (f"{os.path.basename(settings['inception_path']) or 'given'}|{settings['preprocess']}"
            f"|{settings['inception_size']}")
     decode_fn = make_decode_fn(config, mesh)
-    rows = []
-    for scale in sw["cfg_scales"]:
-        for k in sw["num_iters"]:
-            cfg = copy.deepcopy(config)
-            cfg.sample.num_iter = k
-            cfg.sample.cfg_scale = scale
-            summary, info = sample_and_summarize(cfg, params, mesh, decode_fn=decode_fn,
-                                                 feature_fn=feature_fn, num_images=num_images,
-                                                 seed=int(config.seed) + 1)
-            m = _reference_metrics(summary, settings, feature_fn, tag,
-                                   batch_size=sample_batch_size(config, mesh))
-            row = {"num_iter": k, "cfg_scale": scale, "nfe": info["nfe"],
-                   "seconds_per_image": info["sample_seconds"] / num_images}
-            row.update({c: m[c] for c in COLUMNS if c in m})
-            rows.append(row)
-            logging.info("sweep: %s", json.dumps(row))
-    result = {"rows": rows, "num_images": num_images}
-    if jax.process_index() == 0:
-        result["files"] = write_table(rows, os.path.join(workdir, "sweep"))
-        with open(os.path.join(workdir, "sweep", "sweep.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-        print(open(result["files"]["md"], encoding="utf-8").read(), flush=True)
-    return result
+    seed = int(config.seed) + 1
+
+    def run_point(cfg, point):  # pylint: disable=unused-argument
+        summary, info = sample_and_summarize(cfg, params, mesh, decode_fn=decode_fn,
+                                             feature_fn=feature_fn, num_images=num_images,
+                                             seed=seed)
+        m = _reference_metrics(summary, settings, feature_fn, tag,
+                               batch_size=sample_batch_size(config, mesh))
+        row = {"nfe": info["nfe"], "nfe_expected": expected_nfe(cfg.sample),
+               "seconds_per_image": info["sample_seconds"] / num_images}
+        row.update({c: float(m[c]) for c in INCEPTION_COLUMNS if c in m})
+        return row
+
+    key_base = {"scorer": "inception", "tag": tag, "num_images": num_images, "seed": seed,
+                "reference": [settings["reference_path"], settings["fid_stats_path"]],
+                "tokenizer": _as_dict(config.tokenizer), "params": params_fingerprint(params)}
+    rows = run_grid(config, grid_points(sw), os.path.join(workdir, "sweep"), key_base, run_point)
+    return finish(rows, workdir, sw, metric_columns=INCEPTION_COLUMNS,
+                  plots=(Metric("fid", "FID", False),),
+                  title=f"{config.get('name', '')}: FID vs NFE ({num_images} images per point)")
