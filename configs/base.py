@@ -169,6 +169,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict(dict(
         num_iters=(4, 8, 16, 32, 64),
         cfg_scales=(),
+        cfg_intervals=(),
         num_images=0,
     ))
 

@@ -80,4 +80,6 @@ def get_config():
     c.checkpoint.keep = 2
     c.checkpoint.keep_every = 0
     c.checkpoint.async_save = True
+    c.sweep.num_iters = (1, 2, 4, 8, 16)
+    c.sweep.cfg_scales = (1.0, 3.0)
     return c
