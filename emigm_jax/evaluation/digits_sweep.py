@@ -8,7 +8,7 @@ classifier's class accuracy and the Frechet distance in its feature space (FD), 
 quality-vs-NFE curve appears in minutes on a CPU:
 
     python -m emigm_jax.main --mode=sweep --config=configs/digits.py --workdir=runs/digits \
-        --config.sweep.num_iters='(1, 2, 4, 8, 16)' --config.sweep.cfg_scales='(1.0, 2.0)'
+        --config.sweep.num_iters='(1, 2, 4, 8, 16)' --config.sweep.cfg_scales='(1.0, 3.0)'
 
 Labels, batches and the key (``jax.random.key(seed + 1)`` folded with the batch offset)
 are the training job's final report's, so the point with the config's own sample settings

@@ -34,6 +34,7 @@ Config (``config.sweep``, optional):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -94,20 +95,12 @@ class GridPoint:
     def apply(self, config):
         """A copy of config with this point's sample settings."""
         cfg = copy.deepcopy(config)
-        with cfg.unlocked() if hasattr(cfg, "unlocked") else _nullcontext():
+        with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
             cfg.sample.num_iter = self.num_iter
             cfg.sample.cfg_scale = self.cfg_scale
             cfg.sample.cfg_t_min = self.cfg_t_min
             cfg.sample.cfg_t_max = self.cfg_t_max
         return cfg
-
-
-class _nullcontext:  # ConfigDict.unlocked() stand-in for plain attribute configs
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ------------------------------------------------------------------------------ settings / grid
