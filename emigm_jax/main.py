@@ -268,7 +268,7 @@ def digits_report(config, params, workdir: str, mesh, *, train_steps: int,
     }
     if jax.process_index() == 0:
         np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32),
-                 labels=labels)
+                 labels=labels, tokens=np.asarray(tokens))
         cols = min(per_class, 10)
         grid_idx = np.concatenate([np.arange(c * per_class, c * per_class + cols)
                                    for c in range(NUM_CLASSES)])

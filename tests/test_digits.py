@@ -126,3 +126,52 @@ def test_score_rejects_bad_input():
         dm.score_samples(np.zeros((2, 8, 8)), np.array([0, 10]))
     with pytest.raises(ValueError, match="non-finite"):
         dm.score_samples(np.full((2, 8, 8), np.nan), np.array([0, 1]))
+
+
+# ----------------------------------------------------------------------------- discrete tokens
+
+
+def test_discrete_tokens_are_the_pixels_in_raster_order():
+    tok = digits.DigitsTokenizer(patch_size=1, discrete=True)
+    s = digits.load_digits_splits()
+    x = s.train_images[:9]
+    t = tok.encode(x)
+    assert t.shape == (9, 64) and t.dtype == np.int32
+    assert t.min() >= 0 and t.max() == 16  # the 17-symbol vocabulary is used to its top
+    # token r * 8 + c of image 4 is pixel (r, c)
+    assert t[4, 3 * 8 + 5] == int(x[4, 3, 5]) and t[4, 7 * 8 + 0] == int(x[4, 7, 0])
+    back = tok.decode(t)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, x)  # lossless
+
+
+def test_discrete_tokenizer_rejects_bad_input():
+    with pytest.raises(ValueError, match="patch_size must be 1"):
+        digits.DigitsTokenizer(patch_size=2, discrete=True)
+    tok = digits.DigitsTokenizer(patch_size=1, discrete=True)
+    with pytest.raises(ValueError, match="integer pixels in 0..16"):
+        tok.encode(np.full((1, 8, 8), 2.5, np.float32))
+    with pytest.raises(ValueError, match="integer pixels in 0..16"):
+        tok.encode(np.full((1, 8, 8), 17.0, np.float32))
+    with pytest.raises(ValueError, match=r"\[B, 64\]"):
+        tok.decode(np.zeros((2, 16), np.int32))
+    with pytest.raises(ValueError, match="must be integers"):
+        tok.decode(np.zeros((2, 64), np.float32))
+
+
+@pytest.mark.parametrize("name", ["digits_maskgit", "digits_mdm", "digits_di", "digits_maskgil"])
+def test_discrete_digits_configs_tokenise_pixels(name):
+    import importlib
+    from emigm_jax.config_validation import validate_config
+    from emigm_jax.models import seq_len
+    c = importlib.import_module(f"configs.{name}").get_config()
+    validate_config(c)
+    tok = digits.tokenizer_from_config(c)
+    assert tok.discrete and seq_len(c) == 64 and c.model.vocab_size == digits.PIXEL_LEVELS == 17
+    ex = digits.digits_source(c, "train")[0]
+    assert ex["tokens"].shape == (64,) and ex["tokens"].dtype == np.int32
+    np.testing.assert_array_equal(ex["tokens"].reshape(8, 8),
+                                  digits.load_digits_splits().train_images[0])
+    c.model.vocab_size = 16
+    with pytest.raises(ValueError, match="model.head='categorical' needs model.vocab_size=17"):
+        digits.tokenizer_from_config(c)

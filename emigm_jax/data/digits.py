@@ -1,4 +1,4 @@
-"""The embedded default dataset: scikit-learn's 8x8 handwritten digits as continuous tokens.
+"""The embedded default dataset: scikit-learn's 8x8 handwritten digits as tokens.
 
 Why this dataset: it ships inside scikit-learn (no download), is small enough to train a
 class-conditional eMIGM on two CPU cores in minutes, and is easy to score (a classifier on
@@ -12,6 +12,10 @@ continuous token per patch with ``patch_size**2`` channels (patch 1: 64 tokens o
 patch 2: 16 tokens of C=4). Pixels are standardised with the dataset-wide pixel mean and
 standard deviation, so tokens have about zero mean and unit variance; ``decode`` inverts that
 exactly and clips to the 0..16 pixel range.
+
+Discrete tokens (``model.head='categorical'``): the pixels themselves, 64 tokens in raster
+order over a 17-symbol vocabulary (token value = pixel value 0..16; the model's mask id is
+a separate learned embedding, not a vocabulary entry). Lossless by construction.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 
 SIDE = 8
 PIXEL_MAX = 16.0
+PIXEL_LEVELS = 17  # vocabulary of the discrete tokenisation: pixel values 0..16
 NUM_CLASSES = 10
 NUM_IMAGES = 1797
 # Mean and standard deviation of all 1797 x 64 pixels (float64, rounded to 1e-3); fixed
@@ -64,16 +69,24 @@ def load_digits_splits(test_fraction: float = 0.2, seed: int = 0) -> DigitsSplit
 
 @dataclasses.dataclass(frozen=True)
 class DigitsTokenizer:
-    """Invertible map between 8x8 pixel images and standardised continuous patch tokens."""
+    """Invertible map between 8x8 pixel images and tokens.
+
+    ``discrete=False``: standardised continuous patch tokens [B, (8/p)^2, p^2] float32.
+    ``discrete=True``: the integer pixels as tokens [B, 64] int32 (patch_size must be 1).
+    """
 
     patch_size: int = 1
     mean: float = PIXEL_MEAN
     std: float = PIXEL_STD
+    discrete: bool = False
 
     def __post_init__(self):
         if self.patch_size not in (1, 2, 4, 8):
             raise ValueError(
                 f"digits patch_size={self.patch_size!r} must divide the 8x8 image: 1, 2, 4 or 8")
+        if self.discrete and self.patch_size != 1:
+            raise ValueError(f"discrete digits tokens are single pixels: patch_size must be 1, "
+                             f"got {self.patch_size!r}")
         if not self.std > 0:
             raise ValueError(f"digits pixel std={self.std!r} must be > 0")
 
@@ -87,20 +100,35 @@ class DigitsTokenizer:
 
     @property
     def token_dim(self) -> int:
+        """Channels per continuous token (1 for discrete tokens: one pixel each)."""
         return self.patch_size ** 2
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        """images [B, 8, 8] in 0..16 -> tokens [B, (8/p)^2, p^2] float32."""
+        """images [B, 8, 8] in 0..16 -> tokens [B, (8/p)^2, p^2] float32 (discrete: [B, 64] int32)."""
         images = np.asarray(images, np.float32)
-        if images.shape[-2:] != (SIDE, SIDE):
-            raise ValueError(f"digits images must be [..., 8, 8], got shape {images.shape}")
+        if images.ndim != 3 or images.shape[-2:] != (SIDE, SIDE):
+            raise ValueError(f"digits images must be [B, 8, 8], got shape {images.shape}")
         b, p, g = images.shape[0], self.patch_size, self.grid
+        if self.discrete:
+            values = np.rint(images)
+            if np.any(np.abs(values - images) > 1e-4) or values.min() < 0 or values.max() > PIXEL_MAX:
+                raise ValueError("discrete digits tokens need integer pixels in 0..16, got values "
+                                 f"in [{images.min()}, {images.max()}]")
+            return values.reshape(b, SIDE * SIDE).astype(np.int32)
         x = (images - self.mean) / self.std
         x = x.reshape(b, g, p, g, p).transpose(0, 1, 3, 2, 4)  # [B, gy, gx, py, px]
         return x.reshape(b, g * g, p * p).astype(np.float32)
 
     def decode(self, tokens, clip: bool = True) -> np.ndarray:
-        """tokens [B, (8/p)^2, p^2] -> images [B, 8, 8] float32 in 0..16 (clipped)."""
+        """tokens [B, (8/p)^2, p^2] (discrete: [B, 64] int) -> images [B, 8, 8] float32 in 0..16."""
+        if self.discrete:
+            tokens = np.asarray(tokens)
+            if tokens.ndim != 2 or tokens.shape[1] != SIDE * SIDE:
+                raise ValueError(f"discrete digits tokens must be [B, 64], got shape {tokens.shape}")
+            if not np.issubdtype(tokens.dtype, np.integer):
+                raise ValueError(f"discrete digits tokens must be integers, got {tokens.dtype}")
+            images = tokens.reshape(-1, SIDE, SIDE).astype(np.float32)
+            return np.clip(images, 0.0, PIXEL_MAX) if clip else images
         tokens = np.asarray(tokens, np.float32)
         b, p, g = tokens.shape[0], self.patch_size, self.grid
         if tokens.shape[1:] != (self.seq_len, self.token_dim):
@@ -113,16 +141,22 @@ class DigitsTokenizer:
 
 
 def tokenizer_from_config(config) -> DigitsTokenizer:
-    """The digits tokenizer a config's model expects (patch size from ``model.patch_size``)."""
+    """The digits tokenizer a config's model expects: discrete pixels for the categorical
+    head, continuous patches (size ``model.patch_size``) for the diffusion head."""
     m = config.model
-    tok = DigitsTokenizer(patch_size=int(m.patch_size))
-    checks = {"model.image_size": (m.image_size, SIDE), "model.latent_stride": (m.latent_stride, 1),
+    discrete = m.head == "categorical"
+    checks = {"model.image_size": (m.image_size, SIDE),
+              "model.latent_stride": (m.latent_stride, 1),
               "model.latent_channels": (m.latent_channels, 1),
               "model.num_classes": (m.num_classes, NUM_CLASSES)}
+    if discrete:
+        checks["model.patch_size"] = (m.patch_size, 1)
+        checks["model.vocab_size"] = (m.vocab_size, PIXEL_LEVELS)
     for name, (got, want) in checks.items():
         if got != want:
-            raise ValueError(f"data.source='digits' needs {name}={want}, got {got!r}")
-    return tok
+            head = " with model.head='categorical'" if discrete else ""
+            raise ValueError(f"data.source='digits'{head} needs {name}={want}, got {got!r}")
+    return DigitsTokenizer(patch_size=int(m.patch_size), discrete=discrete)
 
 
 class ArraySource:
@@ -150,7 +184,8 @@ class ArraySource:
 
 
 def digits_source(config, split: str = "train") -> ArraySource:
-    """Tokenised digits split as a grain source of {'tokens': [N, C] f32, 'label': int32}."""
+    """Tokenised digits split as a grain source of {'tokens': [N, C] f32 (discrete: [N] int32),
+    'label': int32}."""
     if split not in ("train", "test"):
         raise ValueError(f"digits split={split!r}; expected 'train' or 'test'")
     splits = load_digits_splits(float(config.data.get("test_fraction", 0.2)),

@@ -9,7 +9,8 @@ the h x w grid in raster order), identically on device (JAX) and on host (numpy,
 
 Names: ``kl16`` (MAR's KL-16, scale 0.2325), ``dcae_f32c32`` (DC-AE f32c32-in-1.0, scale
 0.3189) and ``vq`` (LlamaGen VQ-16, discrete: K = 0, "moments" are the code ids
-[B, 1, h, w, 1] and tokens are int32 ids [B, N]). ``arch`` overrides architecture fields
+[B, 1, h, w, 1] and tokens are int32 ids [B, N]); ``vq8`` is LlamaGen's VQ-8 (same codebook,
+stride 8). ``arch`` overrides architecture fields
 (tiny test models with the same code).
 """
 from __future__ import annotations
@@ -23,10 +24,13 @@ import numpy as np
 
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
 from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
-from emigm_jax.tokenizers.vq import VQ16, VQConfig, VQModel
+from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, VQModel
 
-DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189, "vq": 1.0}
+DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189, "vq": 1.0, "vq8": 1.0}
 TOKENIZER_NAMES = tuple(DEFAULT_SCALES)
+WEIGHT_FILES = {"kl16": "kl16.ckpt from MAR",
+                "dcae_f32c32": "the dc-ae-f32c32-in-1.0-diffusers directory",
+                "vq": "LlamaGen's vq_ds16_c2i.pt", "vq8": "LlamaGen's vq_ds8_c2i.pt"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +169,7 @@ def build_tokenizer(name: str, *, scale: float | None = None, arch: Mapping | No
         "kl16": (KL16, KLVAEConfig, AutoencoderKL, 2),
         "dcae_f32c32": (DC_AE_F32C32_IN, DCAEConfig, AutoencoderDC, 1),
         "vq": (VQ16, VQConfig, VQModel, 0),
+        "vq8": (VQ8, VQConfig, VQModel, 0),
     }[name]
     known = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(overrides) - known)
@@ -179,7 +184,7 @@ def load_tokenizer_variables(tok: Tokenizer, path: str) -> dict:
     if tok.name == "kl16":
         from emigm_jax.convert.vae import load_kl_vae  # pylint: disable=import-outside-toplevel
         return load_kl_vae(path, tok.arch)
-    if tok.name == "vq":
+    if tok.name in ("vq", "vq8"):
         from emigm_jax.convert.vq import load_vq  # pylint: disable=import-outside-toplevel
         return load_vq(path, tok.arch)
     from emigm_jax.convert.dcae import load_dcae  # pylint: disable=import-outside-toplevel
@@ -203,8 +208,7 @@ def tokenizer_from_config(config, *, dtype: Any = None) -> tuple[Tokenizer, dict
         return tok, tok.random_variables(int(t.get("seed", 0)))
     raise ValueError(
         f"config.tokenizer.path is empty: point it at the {t.name} weights "
-        f"({'kl16.ckpt from MAR' if t.name == 'kl16' else 'the dc-ae-f32c32-in-1.0-diffusers directory'})"
-        ", or set tokenizer.random_init=True for a random-weight test run")
+        f"({WEIGHT_FILES[t.name]}), or set tokenizer.random_init=True for a random-weight test run")
 
 
 # numpy twin of `Tokenizer.moments_to_tokens` for host-side input pipelines.

@@ -1,4 +1,6 @@
-"""LlamaGen's VQ image tokenizer (VQ-16, ``vq_ds16_c2i.pt``) in Flax, for the MaskGIL configs.
+"""LlamaGen's VQ image tokenizers in Flax: VQ-16 (``vq_ds16_c2i.pt``, the MaskGIL configs) and
+VQ-8 (``vq_ds8_c2i.pt``, the same model with ch_mult (1, 2, 2, 4): the Discrete Interpolants
+configs' f8 tokens).
 
 Architecture (LlamaGen ``tokenizer/tokenizer_image/vq_model.py``, ``VQ_16``): the taming/LDM
 conv encoder-decoder (ch=128, ch_mult=(1, 1, 2, 2, 4), two ResNet blocks per encoder level and
@@ -78,6 +80,8 @@ class VQConfig:
 
 
 VQ16 = VQConfig()  # LlamaGen VQ-16 (vq_ds16_c2i.pt): 16,384 codes, 8-dim, f16
+# LlamaGen VQ-8 (vq_ds8_c2i.pt): one level fewer, f8 (a 256px image is 32 x 32 = 1024 tokens).
+VQ8 = VQConfig(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4))
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
