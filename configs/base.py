@@ -171,6 +171,8 @@ def get_config() -> ml_collections.ConfigDict:
         cfg_scales=(),
         cfg_intervals=(),
         num_images=0,
+        presets=(),                 # names of sample_presets to cross with the grid
+        out_dir="sweep",            # subdirectory of the workdir for this sweep's files
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))

@@ -50,6 +50,41 @@ def discrete_digits_config(name: str):
     s.top_k, s.top_p = 0, 1.0
     s.cfg_scale, s.cfg_schedule, s.cfg_t_min, s.cfg_t_max = 1.0, "constant", 0.0, 1.0
     s.cfg_space = "logits"
+    c.sample_presets = SAMPLE_PRESETS
     c.sweep.num_iters = (4, 8, 16)
-    c.sweep.cfg_scales = (1.0, 2.0, 3.0)
+    c.sweep.cfg_scales = (1.0,)
     return c
+
+
+# The companion papers' sampler switches as named presets, for --sample_preset and for the
+# trend study's sweeps (--config.sweep.presets; benchmarks/RESULTS.md gives the commands).
+SAMPLE_PRESETS = {
+    # mask schedules at sampling time (MaskGIL Table A.4, BAG Table 2)
+    "linear": dict(schedule="linear"),
+    "cosine": dict(schedule="cosine"),
+    "arccos": dict(schedule="arccos"),
+    "pow06": dict(schedule="pow", pow_rho=0.6),
+    "root": dict(schedule="root"),
+    "square": dict(schedule="square"),
+    # token order / reveal rule (DI: confidence sampling vs Euler on the same network)
+    "confidence": dict(order="confidence", reveal="count"),
+    "euler": dict(order="random", reveal="euler"),
+    "final_argmax": dict(final_argmax=True),
+    "no_final_argmax": dict(final_argmax=False),
+    # Gumbel noise on the confidence (DI, MaskGIT): linear anneal, constant, none
+    "gumbel_linear": dict(choice_temperature=4.5, gumbel_anneal="linear"),
+    "gumbel_const": dict(choice_temperature=4.5, gumbel_anneal="none"),
+    "no_gumbel": dict(choice_temperature=0.0),
+    # softmax temperature (DI: best ~0.8 for Euler, ~1.2 for confidence)
+    "temp08": dict(temperature=0.8),
+    "temp12": dict(temperature=1.2),
+    # Bag of design choices (BAG section 2)
+    "noise_reg": dict(noise_reg="abs_cos", noise_reg_scale=1.0),
+    "differential": dict(diff_frac=0.75),
+    "masked_z": dict(z_sampling="masked"),
+    "recover_z": dict(z_sampling="recover"),
+    "random_z1": dict(z_sampling="random", z_steps=1),
+    "random_z2": dict(z_sampling="random", z_steps=2),
+    "random_z4": dict(z_sampling="random", z_steps=4),
+    "random_z8": dict(z_sampling="random", z_steps=8),
+}

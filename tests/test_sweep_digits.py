@@ -163,3 +163,51 @@ def test_sweep_point_reproduces_the_sampler_and_the_scorer(setup):
     assert images.shape == (20, 8, 8)
     s = digits_metric.score_samples(images, labels)
     assert 0.0 <= s["sample_class_accuracy"] <= 1.0
+
+
+def test_presets_cross_the_grid_and_write_their_own_table(setup, tmp_path, monkeypatch):
+    """sweep.presets: one family per sample preset, each applied before the grid's fields."""
+    config, params, mesh = setup
+    c = _tiny_digits_config(num_iters=(1, 2), cfg_scales=(1.0,),
+                            presets=("default", "ddpm"), out_dir="study")
+    with c.unlocked():
+        c.sample_presets = {"ddpm": {"head_sampler": "ddpm", "ddpm_steps": 3, "num_iter": 99}}
+    s = sw.sweep_settings(c)
+    assert s["presets"] == [("default", ()),
+                            ("ddpm", (("ddpm_steps", 3), ("head_sampler", "ddpm"),
+                                      ("num_iter", 99)))]
+    points = sw.grid_points(s)
+    assert [(p.preset, p.num_iter) for p in points] == [("default", 1), ("default", 2),
+                                                        ("ddpm", 1), ("ddpm", 2)]
+    assert points[2].name == "ddpm_iter1_cfg1_t0-1" and points[2].family == "ddpm, no CFG"
+    cfg = points[3].apply(c)  # the preset, then the grid: num_iter is the grid's
+    assert (cfg.sample.head_sampler, cfg.sample.ddpm_steps, cfg.sample.num_iter) == ("ddpm", 3, 2)
+    assert points[0].apply(c).sample.head_sampler == "dpm_solver"
+
+    from emigm_jax import sampling
+    seen = []
+
+    def stand_in(params_, labels, cfg_, mesh_, seed):
+        seen.append((cfg_.sample.head_sampler, int(cfg_.sample.num_iter)))
+        tokens = np.zeros((len(labels), 16, 4), np.float32)
+        return tokens, {"nfe": sampling.expected_nfe(cfg_.sample), "compile_seconds": 0.0,
+                        "sample_seconds": 1e-3}
+
+    monkeypatch.setattr(ds, "sample_digits", stand_in)
+    res = sw.sweep(c, params, str(tmp_path), mesh)
+    assert seen == [("dpm_solver", 1), ("dpm_solver", 2), ("ddpm", 1), ("ddpm", 2)]
+    assert [r["preset"] for r in res["rows"]] == ["default"] * 2 + ["ddpm"] * 2
+    md = (tmp_path / "study" / "sweep.md").read_text().splitlines()
+    assert md[0].startswith("| preset | num_iter | cfg_scale | nfe |")
+    assert (tmp_path / "study" / "points" / "ddpm_iter2_cfg1_t0-1.json").exists()
+    assert not (tmp_path / "sweep").exists()
+
+    with pytest.raises(ValueError, match=r"presets entry 'nope' is not in config.sample_presets"):
+        sw.sweep_settings(_tiny_digits_config(presets=("nope",)))
+    with pytest.raises(ValueError, match=r"out_dir='../x'"):
+        sw.sweep_settings(_tiny_digits_config(out_dir="../x"))
+    bad = _tiny_digits_config(presets=("typo",))
+    with bad.unlocked():
+        bad.sample_presets = {"typo": {"num_iterz": 3}}
+    with pytest.raises(ValueError, match=r"sets unknown fields \['sample.num_iterz'\]"):
+        sw.sweep_settings(bad)

@@ -160,6 +160,24 @@ def test_full_vq16_key_set_shapes_and_parameter_count():
     assert p["quantize"]["embedding"].shape == (16384, 8)
 
 
+def test_vq8_layout_is_covered_and_has_stride_8():
+    """LlamaGen VQ-8 (vq_ds8_c2i.pt): ch_mult (1, 2, 2, 4), so 4 levels and f8 tokens."""
+    from emigm_jax.convert.vq import vq_rules
+    from emigm_jax.tokenizers.vq import VQ8
+    assert VQ8.stride == 8 and VQ8.codebook_size == 16384 and VQ8.codebook_embed_dim == 8
+    from emigm_jax.tokenizers import build_tokenizer
+    tok = build_tokenizer("vq8")
+    assert tok.arch == VQ8 and tok.stride == 8 and tok.discrete
+    shapes = llamagen_state_dict_shapes(VQ8)
+    assert "encoder.conv_blocks.3.attn.1.q.weight" in shapes  # attention at the lowest level
+    assert not any(k.startswith("encoder.conv_blocks.4.") for k in shapes)
+    variables = convert_state_dict(_zeros_like_layout(VQ8), vq_rules(VQ8), vq_variable_shapes(VQ8))
+    want = jax.tree_util.tree_map(lambda s: s.shape, vq_variable_shapes(VQ8))
+    assert jax.tree_util.tree_map(lambda a: a.shape, variables) == want
+    assert sum(a.size for a in jax.tree_util.tree_leaves(variables)) == sum(
+        int(np.prod(s)) for k, s in shapes.items() if k != "quantize.codebook_used")
+
+
 def test_conversion_maps_values_and_layouts():
     sd = random_state_dict(SMALL, seed=3)
     p = convert_vq(sd, SMALL)["params"]

@@ -229,6 +229,19 @@ def unconvert_names(rules: Sequence[Rule], keys: Iterable[str]) -> dict[str, Pat
     return result
 
 
+def select_entry(obj: Any, key: str | None, path: str) -> Mapping:
+    """The sub-dict of a loaded checkpoint at ``key`` ("a/b" for nested keys; None: obj)."""
+    if key:
+        for k in key.split("/"):
+            if not isinstance(obj, Mapping) or k not in obj:
+                have = sorted(obj)[:20] if isinstance(obj, Mapping) else type(obj).__name__
+                raise KeyError(f"{path!r} has no entry {k!r} (of key {key!r}); top-level: {have}")
+            obj = obj[k]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path!r}[{key!r}] is a {type(obj).__name__}, not a state dict")
+    return obj
+
+
 def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
                     trusted_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a flat ``{name: array}`` state dict from ``.safetensors`` or a torch pickle.
@@ -262,14 +275,7 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
     else:
         raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .ckpt, "
                          ".pt, .pth or .bin")
-    if key:
-        for k in key.split("/"):
-            if not isinstance(obj, Mapping) or k not in obj:
-                have = sorted(obj)[:20] if isinstance(obj, Mapping) else type(obj).__name__
-                raise KeyError(f"{path!r} has no entry {k!r} (of key {key!r}); top-level: {have}")
-            obj = obj[k]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path!r}[{key!r}] is a {type(obj).__name__}, not a state dict")
+    obj = select_entry(obj, key, path)
     out = {}
     for k, v in obj.items():
         if not (hasattr(v, "shape") and hasattr(v, "dtype")):

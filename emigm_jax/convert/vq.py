@@ -30,8 +30,9 @@ from typing import Any, Mapping
 
 from flax import serialization
 
-from emigm_jax.convert.common import Rule, convert_state_dict, flatten, load_state_dict, to_numpy
-from emigm_jax.tokenizers.vq import VQ16, VQConfig, vq_variable_shapes
+from emigm_jax.convert.common import (Rule, convert_state_dict, flatten, load_state_dict,
+                                      select_entry, to_numpy)
+from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, vq_variable_shapes
 
 _NORMS = r"norm|norm1|norm2|norm_out"
 
@@ -85,18 +86,6 @@ def convert_vq(state_dict: Mapping[str, Any], cfg: VQConfig = VQ16) -> dict:
                               what="LlamaGen VQ checkpoint (vq_model.py layout)")
 
 
-def _select_state_dict(obj: Any, key: str | None, path: str) -> dict:
-    if key:
-        for k in key.split("/"):
-            if not isinstance(obj, Mapping) or k not in obj:
-                have = sorted(obj)[:20] if isinstance(obj, Mapping) else type(obj).__name__
-                raise KeyError(f"{path!r} has no entry {k!r} (of key {key!r}); top-level: {have}")
-            obj = obj[k]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path!r}[{key!r}] is a {type(obj).__name__}, not a state dict")
-    return {k: to_numpy(v) for k, v in obj.items()}
-
-
 def load_vq(path: str, cfg: VQConfig = VQ16, key: str | None = "model", *,
             trusted_pickle: bool = False) -> dict:
     """Flax variables from ``vq_ds16_c2i.pt`` (torch), a flat ``.safetensors`` or a converted ``.msgpack``.
@@ -117,18 +106,23 @@ def load_vq(path: str, cfg: VQConfig = VQ16, key: str | None = "model", *,
     if path.endswith(".safetensors"):
         return convert_vq(load_state_dict(path), cfg)
     from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
-    return convert_vq(_select_state_dict(load_pth(path, trusted_pickle=trusted_pickle), key, path), cfg)
+    return convert_vq({k: to_numpy(v) for k, v in select_entry(
+        load_pth(path, trusted_pickle=trusted_pickle), key, path).items()}, cfg)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", required=True, help="vq_ds16_c2i.pt (torch) or a flat .safetensors")
+    p.add_argument("--src", required=True,
+                   help="vq_ds16_c2i.pt / vq_ds8_c2i.pt (torch) or a flat .safetensors")
+    p.add_argument("--arch", default="vq16", choices=("vq16", "vq8"),
+                   help="LlamaGen VQ-16 (f16) or VQ-8 (f8)")
     p.add_argument("--dst", required=True, help="output .msgpack of Flax variables")
     p.add_argument("--key", default="model", help="sub-dict holding the state dict ('model', 'ema')")
     p.add_argument("--trusted_pickle", action="store_true",
                    help="torch.load(weights_only=False): runs code from the file")
     args = p.parse_args(argv)
-    variables = load_vq(args.src, VQ16, key=args.key, trusted_pickle=args.trusted_pickle)
+    cfg = {"vq16": VQ16, "vq8": VQ8}[args.arch]
+    variables = load_vq(args.src, cfg, key=args.key, trusted_pickle=args.trusted_pickle)
     os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
     with open(args.dst, "wb") as f:
         f.write(serialization.msgpack_serialize(variables))

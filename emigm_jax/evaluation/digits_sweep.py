@@ -112,10 +112,12 @@ def digits_sweep(config, params, workdir: str, mesh) -> dict:
 
     key_base = {"scorer": "digits_classifier", "num_images": k, "seed": seed,
                 "split": [test_fraction, split_seed], "params": params_fingerprint(params)}
-    rows = run_grid(config, grid_points(sw), os.path.join(workdir, "sweep"), key_base, run_point)
-    bad = [r["num_iter"] for r in rows if "nfe" in r and r["nfe"] != r["nfe_expected"]]
+    rows = run_grid(config, grid_points(sw), os.path.join(workdir, sw["out_dir"]), key_base,
+                    run_point)
+    bad = [(r.get("preset", ""), r["num_iter"]) for r in rows
+           if "nfe" in r and r["nfe"] != r["nfe_expected"]]
     if bad:  # the scan's own count disagreeing with the host plan is a sampler bug
-        logging.warning("digits sweep: measured NFE != expected_nfe at num_iter %s", bad)
+        logging.warning("digits sweep: measured NFE != expected_nfe at (preset, num_iter) %s", bad)
     for r in rows:
         if "real_fd" in r:
             reference = {"fd": r["real_fd"], "class_accuracy": r["real_class_accuracy"]}

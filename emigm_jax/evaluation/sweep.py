@@ -31,6 +31,12 @@ Config (``config.sweep``, optional):
   cfg_scales     CFG scales (default: just config.sample.cfg_scale)
   cfg_intervals  (cfg_t_min, cfg_t_max) pairs (default: just config.sample's interval)
   num_images     samples per point (0 -> eval.num_images, or sample.num_images for digits)
+  presets        names of config.sample_presets to cross with the grid, one plot line family
+                 each ("default" = the config's own sample settings); empty: the config's
+                 settings only. This is how sampler switches (schedules, Gumbel noise,
+                 Z-sampling, ...) are compared at equal NFE in one table.
+  out_dir        subdirectory of the workdir for this sweep's files (default "sweep"), so
+                 several studies on one model keep separate tables
 """
 from __future__ import annotations
 
@@ -50,10 +56,11 @@ import jax.numpy as jnp
 import numpy as np
 
 SWEEP_DEFAULTS = dict(num_iters=(4, 8, 16, 32, 64), cfg_scales=(), cfg_intervals=(),
-                      num_images=0)
+                      num_images=0, presets=(), out_dir="sweep")
+DEFAULT_PRESET = "default"
 PLOT_NAME = "nfe_vs_fid.png"
 # Table columns in order; metric columns go between "nfe" and "cfg_t_min".
-LEAD_COLUMNS = ("num_iter", "cfg_scale", "nfe")
+LEAD_COLUMNS = ("preset", "num_iter", "cfg_scale", "nfe")
 TAIL_COLUMNS = ("cfg_t_min", "cfg_t_max", "nfe_expected", "seconds_per_image",
                 "compile_seconds", "seconds", "pareto")
 INCEPTION_COLUMNS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -76,26 +83,32 @@ class GridPoint:
     cfg_scale: float
     cfg_t_min: float
     cfg_t_max: float
+    preset: str = ""                 # name of a config.sample_presets entry ("" = none)
+    overrides: tuple = ()            # that preset's (sample field, value) pairs, sorted
 
     @property
     def family(self) -> str:
         """Plot line label: points that differ only in num_iter share a family."""
         if self.cfg_scale == 1.0:
-            return "no CFG"
-        return f"cfg {self.cfg_scale:g} on ({self.cfg_t_min:g}, {self.cfg_t_max:g}]"
+            cfg = "no CFG"
+        else:
+            cfg = f"cfg {self.cfg_scale:g} on ({self.cfg_t_min:g}, {self.cfg_t_max:g}]"
+        return f"{self.preset}, {cfg}" if self.preset else cfg
 
     @property
     def name(self) -> str:
-        return (f"iter{self.num_iter}_cfg{self.cfg_scale:g}"
-                f"_t{self.cfg_t_min:g}-{self.cfg_t_max:g}")
+        return (f"{self.preset + '_' if self.preset else ''}iter{self.num_iter}"
+                f"_cfg{self.cfg_scale:g}_t{self.cfg_t_min:g}-{self.cfg_t_max:g}")
 
     def fields(self) -> dict:
         return dataclasses.asdict(self)
 
     def apply(self, config):
-        """A copy of config with this point's sample settings."""
+        """A copy of config with this point's sample settings (preset first, then the grid's)."""
         cfg = copy.deepcopy(config)
         with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
+            for field, value in self.overrides:
+                cfg.sample[field] = value
             cfg.sample.num_iter = self.num_iter
             cfg.sample.cfg_scale = self.cfg_scale
             cfg.sample.cfg_t_min = self.cfg_t_min
@@ -147,7 +160,35 @@ def sweep_settings(config) -> dict:
     if s["num_images"] < 0:
         raise ValueError(f"config.sweep.num_images={s['num_images']}: expected >= 0 "
                          "(0 = the evaluation's sample count)")
+    s["presets"] = _preset_overrides(config, s["presets"])
+    out = str(s["out_dir"])
+    if not out or os.path.isabs(out) or ".." in out.split("/"):
+        raise ValueError(f"config.sweep.out_dir={out!r}: expected a subdirectory name of the "
+                         "workdir (relative, no '..')")
     return s
+
+
+def _preset_overrides(config, names) -> list[tuple[str, tuple]]:
+    """[(name, sorted (field, value) pairs)] for sweep.presets; names are checked here."""
+    if isinstance(names, str):
+        names = (names,)
+    presets = _as_dict(config.get("sample_presets", None))
+    out = []
+    for name in dict.fromkeys(str(n) for n in names):
+        if name == DEFAULT_PRESET:
+            out.append((name, ()))
+            continue
+        if name not in presets:
+            raise ValueError(f"config.sweep.presets entry {name!r} is not in "
+                             f"config.sample_presets (available: {sorted(presets)}, or "
+                             f"{DEFAULT_PRESET!r} for the config's own settings)")
+        overrides = _as_dict(presets[name])
+        unknown = sorted(set(overrides) - set(config.sample.keys()))
+        if unknown:
+            raise ValueError(f"sample preset {name!r} sets unknown fields "
+                             f"{['sample.' + u for u in unknown]}")
+        out.append((name, tuple(sorted(overrides.items()))))
+    return out
 
 
 def grid_points(settings: dict) -> list[GridPoint]:
@@ -157,12 +198,14 @@ def grid_points(settings: dict) -> list[GridPoint]:
     with the interval (0, 1) (changing the interval does not invalidate its saved points).
     """
     points = []
-    for scale in settings["cfg_scales"]:
-        for lo, hi in settings["cfg_intervals"]:
-            for k in settings["num_iters"]:
-                p = GridPoint(k, 1.0, 0.0, 1.0) if scale == 1.0 else GridPoint(k, scale, lo, hi)
-                if p not in points:
-                    points.append(p)
+    for preset, overrides in settings.get("presets") or [("", ())]:
+        for scale in settings["cfg_scales"]:
+            for lo, hi in settings["cfg_intervals"]:
+                for k in settings["num_iters"]:
+                    grid = (k, 1.0, 0.0, 1.0) if scale == 1.0 else (k, scale, lo, hi)
+                    p = GridPoint(*grid, preset=preset, overrides=overrides)
+                    if p not in points:
+                        points.append(p)
     return points
 
 
@@ -307,7 +350,7 @@ def write_table(rows: list[dict], out_dir: str, metric_columns: Sequence[str] = 
              "png": os.path.join(out_dir, PLOT_NAME)}
     _mark_pareto(rows, plots)
     order = list(LEAD_COLUMNS) + list(metric_columns) + list(TAIL_COLUMNS)
-    cols = [c for c in order if any(c in r for r in rows)]
+    cols = [c for c in order if any(r.get(c, "") != "" for r in rows)]
     with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -373,10 +416,10 @@ def finish(rows: list[dict], workdir: str, settings: dict, *, metric_columns: Se
     """Writes the table, plot and sweep.json on process 0 and prints the Markdown table."""
     for r in rows:
         r["family"] = GridPoint(r["num_iter"], r["cfg_scale"], r["cfg_t_min"],
-                                r["cfg_t_max"]).family
+                                r["cfg_t_max"], r.get("preset", "")).family
     result = {"rows": rows, "num_images": settings["num_images"], **dict(extra or {})}
     if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "sweep")
+        out_dir = os.path.join(workdir, settings["out_dir"])
         result["files"] = write_table(rows, out_dir, metric_columns, plots, title=title,
                                       notes=notes, references=references)
         with open(os.path.join(out_dir, "sweep.json"), "w", encoding="utf-8") as f:
@@ -437,7 +480,8 @@ def inception_sweep(config, params, workdir: str, mesh, *, inception_variables=N
     key_base = {"scorer": "inception", "tag": tag, "num_images": num_images, "seed": seed,
                 "reference": [settings["reference_path"], settings["fid_stats_path"]],
                 "tokenizer": _as_dict(config.tokenizer), "params": params_fingerprint(params)}
-    rows = run_grid(config, grid_points(sw), os.path.join(workdir, "sweep"), key_base, run_point)
+    rows = run_grid(config, grid_points(sw), os.path.join(workdir, sw["out_dir"]), key_base,
+                    run_point)
     return finish(rows, workdir, sw, metric_columns=INCEPTION_COLUMNS,
                   plots=(Metric("fid", "FID", False),),
                   title=f"{config.get('name', '')}: FID vs NFE ({num_images} images per point)")
