@@ -31,9 +31,6 @@ train digits_maskgit digits_maskgit
 train digits_maskgil digits_maskgil
 train digits_di digits_di
 train digits_mdm digits_mdm
-train digits_di_etm digits_di --config.model.time_cond=explicit --config.name=digits_di_etm
-train digits_maskgil_vit digits_maskgil --config.model.block=vit --config.model.pos_emb=learned \
-  --config.name=digits_maskgil_vit
 
 # MaskGIT model (cosine training, confidence order, count reveal, Gumbel 4.5 linear)
 study digits_maskgit digits_maskgit study_schedules '("linear","cosine","arccos","pow06","root")' '(4,8,16)'
@@ -44,13 +41,17 @@ study digits_maskgit digits_maskgit study_cfg '("default",)' '(8,)' '(1.0,1.5,2.
 # MaskGIL model (arccos training, CFG 2 on logits)
 study digits_maskgil digits_maskgil study_schedules '("root","linear","square","cosine","arccos")' '(4,8,16,32,64)' '(2.0,)'
 study digits_maskgil digits_maskgil study_cfg '("default",)' '(8,)' '(1.0,1.5,2.0,2.5,3.0,4.0)'
-study digits_maskgil_vit digits_maskgil study_cfg '("default",)' '(8,)' '(1.0,1.5,2.0,2.5,3.0,4.0)' \
-  --config.model.block=vit --config.model.pos_emb=learned --config.name=digits_maskgil_vit
 # Discrete Interpolants model (ITM; linear training, Euler reveal, final argmax, top-p 0.9)
 study digits_di digits_di study_reveal '("euler","confidence")' '(4,8,16,32,64)'
 study digits_di digits_di study_final_argmax '("final_argmax","no_final_argmax")' '(2,4,8,16)'
 study digits_di digits_di study_schedule_match '("linear","cosine")' '(4,8,16)'
 study digits_di digits_di study_temperature '("temp08","default","temp12")' '(16,)'
 study digits_di digits_di study_cfg '("default","confidence")' '(16,)' '(1.0,2.0,3.0,4.0)'
+# Ablation models: ETM vs ITM (DI), LLaMA+RoPE vs ViT+learned positions (MaskGIL)
+train digits_di_etm digits_di --config.model.time_cond=explicit --config.name=digits_di_etm
+train digits_maskgil_vit digits_maskgil --config.model.block=vit --config.model.pos_emb=learned \
+  --config.name=digits_maskgil_vit
+study digits_maskgil_vit digits_maskgil study_cfg '("default",)' '(8,)' '(1.0,1.5,2.0,2.5,3.0,4.0)' \
+  --config.model.block=vit --config.model.pos_emb=learned --config.name=digits_maskgil_vit
 study digits_di_etm digits_di study_reveal '("euler","confidence")' '(4,8,16,32,64)' '(1.0,)' \
   --config.model.time_cond=explicit --config.name=digits_di_etm

@@ -51,6 +51,13 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "(cluster auto-detection); off: never. Explicit coordinator flags always start it.")
 
 
+# Names used in COMPANION.md / the papers for a switch that exists here under another name.
+FIELD_SYNONYMS = {
+    "model.num_cond_tokens": "model.buffer_size (class-embedding prefix tokens: eMIGM 64, MaskGIL 1)",
+    "sample.gumbel_temp": "sample.choice_temperature (with sample.gumbel_anneal)",
+}
+
+
 class PreflightError(ValueError):
     """A problem with the command line found before anything is compiled."""
 
@@ -151,8 +158,11 @@ def check_overrides(argv: list[str]) -> None:
             keys = list(node.keys()) if hasattr(node, "keys") else []
             if part not in keys:
                 where = ".".join(walked) or "<top level>"
+                name = ".".join(walked + [part])
+                hint = (f"; the companion papers' {name} is {FIELD_SYNONYMS[name]} here"
+                        if name in FIELD_SYNONYMS else "")
                 raise PreflightError(
-                    f"{a.split('=')[0]}: config has no field {'.'.join(walked + [part])!r} "
+                    f"{a.split('=')[0]}: config has no field {name!r}{hint} "
                     f"({where} has: {', '.join(sorted(map(str, keys)))})")
             node, walked = node[part], walked + [part]
 

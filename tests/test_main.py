@@ -40,6 +40,7 @@ def _cli(*args, devices: int = 1, timeout: int = 600, config: str = "configs/dig
     ((), 1, "--workdir is required"),
     (("--config.optim.nope=1",), 1, "config has no field 'optim.nope'"),
     (("--config.optimizer.lr=1",), 1, "config has no field 'optimizer'"),
+    (("--config.model.num_cond_tokens=1",), 1, "num_cond_tokens is model.buffer_size"),
     (("--config.mask.schedule=cosin",), 1, "mask.schedule='cosin'"),
     (("--config.train.batch_size=12",), 8, "batch_size=12 must be divisible"),
     (("--config.mesh.data=3", "--config.mesh.fsdp=2"), 8, "needs 6 devices but 8 are available"),
