@@ -77,17 +77,18 @@ def sample_batch_size(config, mesh) -> int:
 
 
 def make_decode_fn(config, mesh) -> Callable:
-    """jitted tokens [B, N, C] -> uint8 images [B, H, W, 3] on the mesh (tokenizer decode)."""
+    """jitted tokens [B, N, C] (code ids [B, N]) -> uint8 images [B, H, W, 3] on the mesh."""
     from emigm_jax import sharding as shd
     from emigm_jax.tokenizers.registry import tokenizer_from_config
-    if config.model.head != "diffusion":
-        raise NotImplementedError("--mode=evaluate decodes continuous tokens with "
-                                  f"config.tokenizer; model.head={config.model.head!r} needs a "
-                                  "VQ decoder, which this package does not provide")
     if int(config.model.patch_size) != 1:
         raise NotImplementedError(f"model.patch_size={config.model.patch_size}: decoding "
                                   "expects one token per latent position (patch_size=1)")
     tok, variables = tokenizer_from_config(config)
+    categorical = config.model.head == "categorical"
+    if categorical != tok.discrete:
+        raise ValueError(f"model.head={config.model.head!r} cannot be decoded by "
+                         f"tokenizer.name={config.tokenizer.name!r}: the categorical head needs "
+                         "a codebook tokenizer (vq, vq8), the diffusion head a continuous one")
     variables = jax.device_put(variables, shd.replicated(mesh))
     g = int(config.model.image_size) // int(config.model.latent_stride)
 
