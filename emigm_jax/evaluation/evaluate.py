@@ -24,6 +24,7 @@ against the FID-only file (the reference code's number).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -186,9 +187,13 @@ def image_grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
 
 
 def run_tag(config, num_images: int) -> str:
+    """File name of an evaluation: the headline settings, then a hash of every sample field
+    (companion switches, solver, interval...) so that different settings never overwrite."""
     s = config.sample
+    fields = s.to_dict() if hasattr(s, "to_dict") else dict(s)
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     return (f"n{num_images}_iter{int(s.num_iter)}_{s.head_sampler}_cfg{float(s.cfg_scale):g}"
-            f"_{s.cfg_schedule}")
+            f"_{s.cfg_schedule}_{digest[:8]}")
 
 
 def evaluate(config, params, workdir: str, mesh, *,
