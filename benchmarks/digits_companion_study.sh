@@ -38,11 +38,12 @@ study digits_maskgit digits_maskgit study_bag '("default","noise_reg","different
 study digits_maskgit digits_maskgit study_random_z '("default","random_z1","random_z2","random_z4","random_z8")' '(8,)'
 study digits_maskgit digits_maskgit study_gumbel '("gumbel_linear","gumbel_const","no_gumbel")' '(4,8,16)'
 study digits_maskgit digits_maskgit study_cfg '("default",)' '(8,)' '(1.0,1.5,2.0,3.0,4.0)'
-# MaskGIL model (arccos training, CFG 2 on logits)
-study digits_maskgil digits_maskgil study_schedules '("root","linear","square","cosine","arccos")' '(4,8,16,32,64)' '(2.0,)'
+# MaskGIL model (arccos training, CFG 2 on logits). No 64-step points anywhere: a digit has
+# 64 tokens, so 64 count-reveal steps reveal one token each whatever the schedule.
+study digits_maskgil digits_maskgil study_schedules '("root","linear","square","cosine","arccos")' '(4,8,16,32)' '(2.0,)'
 study digits_maskgil digits_maskgil study_cfg '("default",)' '(8,)' '(1.0,1.5,2.0,2.5,3.0,4.0)'
 # Discrete Interpolants model (ITM; linear training, Euler reveal, final argmax, top-p 0.9)
-study digits_di digits_di study_reveal '("euler","confidence")' '(4,8,16,32,64)'
+study digits_di digits_di study_reveal '("euler","confidence")' '(4,8,16,32)'
 study digits_di digits_di study_final_argmax '("final_argmax","no_final_argmax")' '(2,4,8,16)'
 study digits_di digits_di study_schedule_match '("linear","cosine")' '(4,8,16)'
 study digits_di digits_di study_temperature '("temp08","default","temp12")' '(16,)'
@@ -53,5 +54,10 @@ train digits_maskgil_vit digits_maskgil --config.model.block=vit --config.model.
   --config.name=digits_maskgil_vit
 study digits_maskgil_vit digits_maskgil study_cfg '("default",)' '(8,)' '(1.0,1.5,2.0,2.5,3.0,4.0)' \
   --config.model.block=vit --config.model.pos_emb=learned --config.name=digits_maskgil_vit
-study digits_di_etm digits_di study_reveal '("euler","confidence")' '(4,8,16,32,64)' '(1.0,)' \
+study digits_di_etm digits_di study_reveal '("euler","confidence")' '(4,8,16,32)' '(1.0,)' \
   --config.model.time_cond=explicit --config.name=digits_di_etm
+# Sampling noise: the MaskGIT default at other sampling seeds (same weights)
+for seed in 1 2; do
+  study digits_maskgit digits_maskgit "study_seed$seed" '("default",)' '(4,8,16)' '(1.0,)' \
+    --config.seed=$seed
+done
