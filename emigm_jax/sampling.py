@@ -422,8 +422,16 @@ def _build_sampler(config, transformer_fn):
     k_steps = int(sc.num_iter)
     cfg_scale = float(sc.cfg_scale)
     if transformer_fn is None:
-        def transformer_fn(params, tokens, mask, labels):
-            return model.apply({"params": params}, tokens, mask, labels, method="transformer")
+        def net(params, tokens, mask, labels, t):
+            """The transformer; ``t`` [B] (the state's time) reaches only an ETM network."""
+            return model.apply({"params": params}, tokens, mask, labels, t=t,
+                               method="transformer")
+    else:
+        def net(params, tokens, mask, labels, t):  # pylint: disable=unused-argument
+            return transformer_fn(params, tokens, mask, labels)  # test stand-ins take no time
+    grid = time_grid(sc)
+    t_before = jnp.asarray(grid[:-1], jnp.float32)  # [K] time of the state entering step k
+    t_after = jnp.asarray(grid[1:], jnp.float32)    # [K] time of the state after step k
 
     if not categorical:
         if sc.head_sampler == "dpm_solver":
@@ -480,14 +488,16 @@ def _build_sampler(config, transformer_fn):
         gumbel = lambda v: -jnp.log(-jnp.log(jnp.maximum(v, tiny)))
 
         # 1. transformer, with the unconditional pass only on guided steps
+        t_now = jnp.full((b,), t_before[k.astype(jnp.int32)])
+
         def cond_only(_):
-            z = transformer_fn(params, tokens, mask, labels)
+            z = net(params, tokens, mask, labels, t_now)
             return z, jnp.zeros_like(z)
 
         def cond_and_uncond(_):
-            z = transformer_fn(params, jnp.concatenate([tokens, tokens]),
-                               jnp.concatenate([mask, mask]),
-                               jnp.concatenate([labels, -jnp.ones_like(labels)]))
+            z = net(params, jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
+                    jnp.concatenate([labels, -jnp.ones_like(labels)]),
+                    jnp.concatenate([t_now, t_now]))
             return tuple(jnp.split(z, 2))
 
         if cfg_scale == 1.0 or not plan.guided.any():
@@ -612,7 +622,8 @@ def _build_sampler(config, transformer_fn):
                 if opts.z_sampling == "masked":
                     # (proj) one extra conditional pass on the new state scores every
                     # unmasked token by log p(x_j | z_hat); older tokens may be re-masked
-                    zs = transformer_fn(params, tokens1, mask1, labels).astype(jnp.float32)
+                    t_next = jnp.full((b,), t_after[k.astype(jnp.int32)])
+                    zs = net(params, tokens1, mask1, labels, t_next).astype(jnp.float32)
                     logp = jax.nn.log_softmax(
                         model.apply({"params": params}, zs, method="logits"), axis=-1)
                     score = jnp.take_along_axis(logp, tokens1[..., None], axis=-1)[..., 0]
