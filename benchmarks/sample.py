@@ -50,7 +50,7 @@ from jax.experimental import io_callback  # noqa: E402
 
 from emigm_jax import sampling  # noqa: E402
 from emigm_jax.diffusion import dpm_solver  # noqa: E402
-from emigm_jax.models import (build_model, dummy_inputs, param_count, param_shapes,  # noqa: E402
+from emigm_jax.models import (build_model, dummy_inputs, param_count, random_params,  # noqa: E402
                               seq_len, token_dim)
 
 
@@ -73,21 +73,6 @@ def case_config(name: str):
     if name == "xs":
         return importlib.import_module("configs.emigm_xs_256").get_config()
     raise ValueError(f"unknown case {name!r}; expected small16, small64 or xs")
-
-
-def random_params(config, seed: int = 0):
-    """Parameters of the right shapes without compiling the model's init."""
-    rs = np.random.RandomState(seed)
-
-    def fill(path, s):
-        name = getattr(path[-1], "key", "")
-        if name == "scale":
-            return jnp.ones(s.shape, s.dtype)
-        if name == "bias":
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(rs.normal(0.0, 0.02, s.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map_with_path(fill, param_shapes(config))
 
 
 def matmul_peak(n: int = 2048, chain: int = 10, repeats: int = 3) -> float:

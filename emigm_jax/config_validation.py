@@ -38,6 +38,30 @@ class ConfigError(ValueError):
     """A config field holds a value the framework cannot run."""
 
 
+def as_dict(node) -> dict:
+    """A ConfigDict (or mapping, or None) as a plain dict."""
+    return node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
+
+
+def sample_preset(config, name: str, source: str = "sample preset ",
+                  also_accepted: tuple[str, ...] = ()) -> dict:
+    """The sample-field overrides ``config.sample_presets[name]``, checked.
+
+    Shared by ``--sample_preset`` and ``sweep.presets``. ``source`` prefixes the name in the
+    error (what the user typed); ``also_accepted`` lists names the caller handles itself.
+    """
+    presets = as_dict(config.get("sample_presets", None))
+    if name not in presets:
+        raise ConfigError(f"{source}{name!r} is not in config.sample_presets (available: "
+                          f"{sorted(presets) + list(also_accepted)})")
+    overrides = as_dict(presets[name])
+    unknown = sorted(set(overrides) - set(config.sample.keys()))
+    if unknown:
+        raise ConfigError(f"sample preset {name!r} sets unknown fields "
+                          f"{['sample.' + u for u in unknown]}")
+    return overrides
+
+
 def _get(config, dotted: str):
     node = config
     for part in dotted.split("."):

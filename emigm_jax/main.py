@@ -88,14 +88,13 @@ def prepare_workdir(workdir: str | None) -> str:
 def apply_sample_preset(config, name: str | None) -> None:
     if not name:
         return
-    presets = config.get("sample_presets", {}) or {}
-    if name not in presets:
-        raise PreflightError(f"--sample_preset={name!r} is not in config.sample_presets "
-                             f"(available: {sorted(presets)})")
+    from emigm_jax.config_validation import ConfigError, sample_preset  # pylint: disable=import-outside-toplevel
+    try:
+        overrides = sample_preset(config, name, source="--sample_preset=")
+    except ConfigError as e:
+        raise PreflightError(str(e)) from e
     with config.unlocked():
-        for k, v in dict(presets[name]).items():
-            if k not in config.sample:
-                raise PreflightError(f"sample preset {name!r} sets unknown field sample.{k}")
+        for k, v in overrides.items():
             config.sample[k] = v
 
 

@@ -35,12 +35,17 @@ def draw_time(rng: jax.Array, shape, mask_cfg) -> jax.Array:
     return (1.0 - mask_cfg.p_eps) * t + mask_cfg.p_eps
 
 
+def row_ranks(x: jax.Array) -> jax.Array:
+    """[B, N] -> [B, N] int: each entry's 0-based rank within its row, ascending, ties by
+    position (``rank < k`` selects the k smallest of every row)."""
+    return jnp.argsort(jnp.argsort(x, axis=1, stable=True), axis=1, stable=True)
+
+
 def _count_mask(rng, ratio, n: int, min_masked: int) -> jax.Array:
     """Rows with exactly clip(ceil(n * ratio), min_masked, n) masked positions, uniformly placed."""
     b = ratio.shape[0]
     count = jnp.clip(jnp.ceil(n * ratio - 1e-6).astype(jnp.int32), min_masked, n)  # [B]
-    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (b, n)), axis=1), axis=1)
-    return ranks < count[:, None]
+    return row_ranks(jax.random.uniform(rng, (b, n))) < count[:, None]
 
 
 def _permute_rows(rng, vec, b: int) -> jax.Array:

@@ -80,9 +80,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emigm_jax.config_validation import ConfigError, validate_config
+from emigm_jax.config_validation import CHOICES, ConfigError, validate_config
 from emigm_jax.diffusion import ddpm as ddpm_lib
 from emigm_jax.diffusion import dpm_solver
+from emigm_jax.masking import row_ranks
 from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.schedules import MaskSchedule, schedule_from_config
 
@@ -106,7 +107,7 @@ def guided_steps(sample_cfg) -> np.ndarray:
     return on
 
 
-Z_SAMPLINGS = ("none", "masked", "random", "recover")
+Z_SAMPLINGS = CHOICES["sample.z_sampling"]
 Z_SCORE_PASSES = {"none": 0, "masked": 1, "random": 0, "recover": 0}  # scoring passes / zigzag
 
 
@@ -143,10 +144,10 @@ def expected_nfe(sample_cfg) -> int:
     return int(step_nfe(sample_cfg).sum())
 
 
-REVEALS = ("auto", "bernoulli", "euler", "count")
-CFG_SPACES = ("auto", "eps", "logits", "probs")
-GUMBEL_ANNEALS = ("linear", "none")
-NOISE_REGS = ("none", "abs_cos", "half_abs_cos")
+REVEALS = CHOICES["sample.reveal"]
+CFG_SPACES = CHOICES["sample.cfg_space"]
+GUMBEL_ANNEALS = CHOICES["sample.gumbel_anneal"]
+NOISE_REGS = CHOICES["sample.noise_reg"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +326,11 @@ def gumbel_scale(choice_temperature: float, k, num_iter: int, anneal: str = "lin
     return choice_temperature * (1.0 - (k + 1.0) / num_iter)
 
 
+def log_or_min(p):
+    """log p with the float32 minimum where p == 0 (an impossible token, finite for filters)."""
+    return jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), jnp.finfo(jnp.float32).min)
+
+
 def cfg_probs_logits(lc, lu, w):
     """DI eq. 5 guidance in probability space, returned as logits [..., V].
 
@@ -335,7 +341,7 @@ def cfg_probs_logits(lc, lu, w):
     pc, pu = jax.nn.softmax(lc, axis=-1), jax.nn.softmax(lu, axis=-1)
     mix = jnp.maximum(pu + w * (pc - pu), 0.0)
     mix = mix / jnp.sum(mix, axis=-1, keepdims=True)
-    return jnp.where(mix > 0, jnp.log(jnp.where(mix > 0, mix, 1.0)), jnp.finfo(mix.dtype).min)
+    return log_or_min(mix)
 
 
 # ------------------------------------------------------------------------ token samplers
@@ -370,14 +376,11 @@ def differential_draw(filtered, p_prev, gumbel_noise, mask, k, frac: float, draw
                  - jax.scipy.special.xlogy(p_now, p_prev), axis=-1)  # [B, N]; inf if support grew
     d = jnp.where(mask, kl, jnp.inf)
     n_sel = jnp.floor(frac * jnp.sum(mask, axis=1, keepdims=True)).astype(jnp.int32)  # [B, 1]
-    rank = jnp.argsort(jnp.argsort(d, axis=1, stable=True), axis=1, stable=True)
-    sel = mask & (rank < n_sel) & (k >= 1)
+    sel = mask & (row_ranks(d) < n_sel) & (k >= 1)
     diff = jnp.abs(p_now - p_prev)
     tot = jnp.sum(diff, axis=-1, keepdims=True)
     p_t = jnp.where(tot > 0, diff / jnp.where(tot > 0, tot, 1.0), p_now)
-    neg = jnp.finfo(jnp.float32).min
-    log_pt = jnp.where(p_t > 0, jnp.log(jnp.where(p_t > 0, p_t, 1.0)), neg)
-    drawn_d = jnp.argmax(log_pt + gumbel_noise, axis=-1)
+    drawn_d = jnp.argmax(log_or_min(p_t) + gumbel_noise, axis=-1)
     return jnp.where(sel, drawn_d, drawn), p_now
 
 
@@ -475,7 +478,6 @@ def _build_sampler(config, transformer_fn):
     n_feat = 3 + (int(config.model.vocab_size) if categorical else c)
 
     vocab = int(config.model.vocab_size) if categorical else 0
-    neg = jnp.finfo(jnp.float32).min
 
     def one_step(carry, xs, params, labels):
         tokens, mask, nfe = carry[:3]
@@ -563,7 +565,7 @@ def _build_sampler(config, transformer_fn):
 
         # positions to reveal: the `count` highest-scoring masked positions of each row
         score = jnp.where(mask, score, -jnp.inf)
-        order = jnp.argsort(-score, axis=1)  # masked positions first, best first
+        order = jnp.argsort(-score, axis=1)  # masked positions first, best first (head order)
         rank = jnp.argsort(order, axis=1)
         reveal = mask & (rank < count)
 
@@ -632,8 +634,7 @@ def _build_sampler(config, transformer_fn):
                     score = jax.random.uniform(jax.random.fold_in(key[0], 3), (b * n,),
                                                jnp.float32).reshape(b, n)
                 score = jnp.where(unmasked, score, jnp.inf)
-                rank = jnp.argsort(jnp.argsort(score, axis=1), axis=1)
-                remask = unmasked & (rank < count)
+                remask = unmasked & (row_ranks(score) < count)
             redo_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2))(key)
             redo, count_r = one_step((tokens1, mask1 | remask, nfe1) + tuple(extra0),
                                      xs[:-1] + (redo_keys,), params, labels)

@@ -240,7 +240,8 @@ def image_encoder(config, mesh) -> tuple[PrepareFn, Any]:
     tok, variables = tokenizer_from_config(config)
     grid = tok.latent_shape(int(config.data.image_size))
     n, c = grid[0] * grid[1], grid[2]
-    if (n, c) != (seq_len(config), token_dim(config)) and not tok.discrete:
+    # a codebook tokenizer yields one id per position: only the token count must match
+    if n != seq_len(config) or (not tok.discrete and c != token_dim(config)):
         raise ValueError(
             f"tokenizer {tok.name} turns {config.data.image_size}px images into {n} tokens of "
             f"{c} channels, but the model expects {seq_len(config)} x {token_dim(config)} "

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from emigm_jax.models import build_model, init_params, param_count
-from emigm_jax.models.transformer import (Attention, ViTBlock, apply_rope, rope2d_angles,
-                                          swiglu_hidden)
+from emigm_jax.models.transformer import ViTBlock, apply_rope, rope2d_angles, swiglu_hidden
 from tests.conftest import tiny_config
 
 

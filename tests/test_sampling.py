@@ -24,7 +24,8 @@ from scipy.special import gammaln
 
 from emigm_jax import sampling
 from emigm_jax.config_validation import ConfigError
-from emigm_jax.models import build_model, param_shapes, seq_len, token_dim
+from emigm_jax import models
+from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.schedules import schedule_from_config
 from tests.conftest import ROOT, tiny_config
 
@@ -41,18 +42,8 @@ def small_config(head="diffusion", side=4, **sample):
 
 
 def random_params(config, seed=0, **extra):
-    """Random parameters without compiling the model's init (numpy fill of the shapes)."""
-    rs = np.random.RandomState(seed)
-
-    def fill(path, s):
-        name = getattr(path[-1], "key", "")
-        if name == "scale":
-            return jnp.ones(s.shape, s.dtype)
-        if name == "bias":
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(rs.normal(0.0, 0.02, s.shape), s.dtype)
-
-    params = dict(jax.tree_util.tree_map_with_path(fill, param_shapes(config)))
+    """The model's random parameters plus ``extra`` top-level leaves (read by test stand-ins)."""
+    params = dict(models.random_params(config, seed))
     params.update(extra)
     return params
 

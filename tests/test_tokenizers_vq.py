@@ -443,7 +443,6 @@ def test_evaluation_decodes_sampled_code_ids():
     """--mode=evaluate / sweep on a categorical (VQ) config: ids [B, N] -> uint8 images."""
     import types
     import jax
-    import jax.numpy as jnp
     import ml_collections
 
     from emigm_jax import sharding

@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emigm_jax.config_validation import as_dict, sample_preset
+
 SWEEP_DEFAULTS = dict(num_iters=(4, 8, 16, 32, 64), cfg_scales=(), cfg_intervals=(),
                       num_images=0, presets=(), out_dir="sweep")
 DEFAULT_PRESET = "default"
@@ -117,13 +119,9 @@ class GridPoint:
 
 
 # ------------------------------------------------------------------------------ settings / grid
-def _as_dict(node) -> dict:
-    return node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
-
-
 def sweep_settings(config) -> dict:
     """config.sweep merged over SWEEP_DEFAULTS, checked; unknown fields are an error."""
-    given = _as_dict(config.get("sweep", None))
+    given = as_dict(config.get("sweep", None))
     unknown = sorted(set(given) - set(SWEEP_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown config.sweep fields {unknown}; known: {sorted(SWEEP_DEFAULTS)}")
@@ -172,21 +170,13 @@ def _preset_overrides(config, names) -> list[tuple[str, tuple]]:
     """[(name, sorted (field, value) pairs)] for sweep.presets; names are checked here."""
     if isinstance(names, str):
         names = (names,)
-    presets = _as_dict(config.get("sample_presets", None))
     out = []
     for name in dict.fromkeys(str(n) for n in names):
         if name == DEFAULT_PRESET:
             out.append((name, ()))
             continue
-        if name not in presets:
-            raise ValueError(f"config.sweep.presets entry {name!r} is not in "
-                             f"config.sample_presets (available: {sorted(presets)}, or "
-                             f"{DEFAULT_PRESET!r} for the config's own settings)")
-        overrides = _as_dict(presets[name])
-        unknown = sorted(set(overrides) - set(config.sample.keys()))
-        if unknown:
-            raise ValueError(f"sample preset {name!r} sets unknown fields "
-                             f"{['sample.' + u for u in unknown]}")
+        overrides = sample_preset(config, name, source="config.sweep.presets entry ",
+                                  also_accepted=(DEFAULT_PRESET,))
         out.append((name, tuple(sorted(overrides.items()))))
     return out
 
@@ -232,7 +222,7 @@ def params_fingerprint(params) -> str:
 
 def point_key_fields(base: Mapping[str, Any], config) -> dict:
     """Everything that decides a point's numbers (config.model and config.sample included)."""
-    blob = dict(base, model=_as_dict(config.model), sample=_as_dict(config.sample))
+    blob = dict(base, model=as_dict(config.model), sample=as_dict(config.sample))
     return json.loads(json.dumps(blob, sort_keys=True, default=str))
 
 
@@ -479,7 +469,7 @@ def inception_sweep(config, params, workdir: str, mesh, *, inception_variables=N
 
     key_base = {"scorer": "inception", "tag": tag, "num_images": num_images, "seed": seed,
                 "reference": [settings["reference_path"], settings["fid_stats_path"]],
-                "tokenizer": _as_dict(config.tokenizer), "params": params_fingerprint(params)}
+                "tokenizer": as_dict(config.tokenizer), "params": params_fingerprint(params)}
     rows = run_grid(config, grid_points(sw), os.path.join(workdir, sw["out_dir"]), key_base,
                     run_point)
     return finish(rows, workdir, sw, metric_columns=INCEPTION_COLUMNS,

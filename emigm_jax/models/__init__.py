@@ -64,6 +64,26 @@ def param_shapes(config):
     return jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
 
 
+def random_params(config, seed: int = 0):
+    """Parameters of the right shapes and dtypes without compiling the model's init.
+
+    Why: tests and benchmarks of the sampler need plausible weights for large configs, and
+    compiling ``init`` costs more than the run itself. Norm scales 1, biases 0, every other
+    leaf N(0, 0.02^2) from numpy's RandomState(seed) in tree order.
+    """
+    rs = np.random.RandomState(seed)
+
+    def fill(path, s):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return jnp.ones(s.shape, s.dtype)
+        if name == "bias":
+            return jnp.zeros(s.shape, s.dtype)
+        return jnp.asarray(rs.normal(0.0, 0.02, s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, param_shapes(config))
+
+
 def param_count(config) -> int:
     """Number of parameters; the shared mask/fake-class vector counts once."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config))))
