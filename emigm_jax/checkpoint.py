@@ -69,6 +69,15 @@ def _path_str(path) -> str:
                     for k in path)
 
 
+def _stored_tree(path: epath.Path) -> Any:
+    """The saved pytree's metadata (shapes, dtypes) without reading arrays."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.metadata(path).tree
+    finally:
+        handler.close()
+
+
 def check_param_shapes(stored: Any, wanted: Any, where: str) -> None:
     """Raises CheckpointMismatchError at the first parameter whose presence or shape differs."""
     have = {_path_str(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
@@ -243,8 +252,7 @@ class Checkpointer:
         """
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                stored = ocp.PyTreeCheckpointHandler().metadata(
-                    self.directory / str(step) / STATE_ITEM).tree
+                stored = _stored_tree(self.directory / str(step) / STATE_ITEM)
                 check_param_shapes(params_of(stored), params_of(None),
                                    f"checkpoint {self.directory / str(step)}")
                 return step, restore_one(step)
