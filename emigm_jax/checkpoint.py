@@ -240,7 +240,7 @@ class Checkpointer:
                         "next older step", source, one_line(error), target)
         if jax.process_index() == 0:
             self.damaged_directory.mkdir(parents=True, exist_ok=True)
-            os.replace(os.fspath(source), os.fspath(target))
+            source.rename(target)
         self.manager.reload()
 
     def newest_intact(self, restore_one: Callable[[int], Any],
@@ -256,9 +256,11 @@ class Checkpointer:
                 check_param_shapes(params_of(stored), params_of(None),
                                    f"checkpoint {self.directory / str(step)}")
                 return step, restore_one(step)
-            except (CheckpointMismatchError, KeyboardInterrupt):
+            except (CheckpointMismatchError, KeyboardInterrupt, MemoryError):
                 raise
             except Exception as e:  # pylint: disable=broad-except
+                if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: the files are not at fault
+                    raise
                 self._move_aside(step, e)
         return None
 
