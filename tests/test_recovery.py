@@ -36,7 +36,6 @@ from tests.test_train import toy_init, toy_loss, toy_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = 65534  # an unprivileged uid/gid: root ignores permission bits
-WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 # 10 steps, a checkpoint every 5; max_nonfinite_steps=0 once stopped healthy runs (failure 3).
 RUN = {"model.width": 64, "train.num_steps": 10, "train.log_every": 1,
        "checkpoint.every_steps": 5, "train.max_nonfinite_steps": 0}
@@ -353,27 +352,45 @@ def test_bad_checkpoint_field_fails_before_anything_starts(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
+# The toy model of test_train (compiles in a second); kill -9 at step 7 of 10, after the
+# step-5 checkpoint is committed.
+KILLED_RUN = """
+import os, signal, sys
+from emigm_jax import train
+from tests.multiprocess_worker import tiny_digits_config
+from tests.test_train import toy_init, toy_loss, toy_mask
+
+def kill(step, state, ckpt):
+    if step == 7:
+        ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.train(tiny_digits_config({"checkpoint.every_steps": 5, "train.num_steps": 10}),
+            sys.argv[1], hooks=[kill], loss_fn=toy_loss, init_params_fn=toy_init,
+            weight_decay_mask=toy_mask)
+"""
+
+
 def test_kill9_and_sigterm_resumes_keep_one_log_row_per_step_and_all_time(tmp_path):
     run = tmp_path / "run"
-    overrides = {"checkpoint.every_steps": 5, "train.log_every": 1}
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, WORKER, f"--workdir={run}", f"--out={tmp_path / 'o'}",
-                           "--steps=10", "--kill_at=7", f"--overrides={json.dumps(overrides)}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [json.loads(l)["step"] for l in open(run / "train_log.jsonl")] == list(range(1, 8))
     assert json.loads((run / "run.lock").read_text())["pid"] != os.getpid()  # stale lock left
 
-    config = tiny_digits_config({**overrides, "train.num_steps": 10})
+    toy = dict(loss_fn=toy_loss, init_params_fn=toy_init, weight_decay_mask=toy_mask)
+    config = tiny_digits_config({"checkpoint.every_steps": 5, "train.num_steps": 10})
 
     def sigterm(step, state, ckpt):
         if step == 7:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    stopped = train.train(config, run, hooks=[sigterm])
+    stopped = train.train(config, run, hooks=[sigterm], **toy)
     assert stopped.preempted and (stopped.start_step, stopped.step) == (5, 8)
-    finished = train.train(config, run)
+    finished = train.train(config, run, **toy)
     assert (finished.start_step, finished.step) == (8, 10)
     assert [json.loads(l)["step"] for l in open(run / "train_log.jsonl")] == list(range(1, 11))
     segments = workdir_lib.read_segments(str(run))
