@@ -16,9 +16,9 @@ in seconds with the directory named instead of hanging in a background write.
 
 Preemption: SIGTERM sets a flag that the train loop reads at the next step boundary, where it
 saves and exits; a SIGTERM that arrives while the main thread waits on a checkpoint write
-stops at once (``SaveInterrupted``). In a multi-process job JAX's coordination service owns SIGTERM and agrees on
-a common step for all processes; Orbax exposes that as ``reached_preemption(step)``, which
-``PreemptionWatcher`` also checks.
+stops at once (``SaveInterrupted``). In a multi-process job JAX's coordination service owns
+SIGTERM and agrees on a common step for all processes; Orbax exposes that as
+``reached_preemption(step)``, which ``PreemptionWatcher`` also checks.
 """
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def _stored_tree(path: epath.Path) -> Any:
 
 def check_param_shapes(stored: Any, wanted: Any, where: str) -> None:
     """Raises CheckpointMismatchError at the first parameter whose presence or shape differs."""
-    have = {_path_str(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    want = {_path_str(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(wanted)[0]}
+    def shapes(tree):
+        return {_path_str(p): tuple(v.shape)
+                for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = shapes(stored), shapes(wanted)
     for name in sorted(set(have) | set(want)):
         if have.get(name) != want.get(name):
             raise CheckpointMismatchError(

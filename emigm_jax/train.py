@@ -13,8 +13,8 @@ Design points:
   * Non-finite guard: a step whose loss or gradient norm is not finite leaves params, optimizer
     state and EMA unchanged (the step counter and data still advance). The longest streak of
     such steps is kept in the state; the loop stops with a clear error once it reaches
-    ``train.max_nonfinite_steps``. The streak is only read at log time, so the guard adds no
-    per-step host synchronisation.
+    ``train.max_nonfinite_steps`` (0: at the first non-finite step). The streak is only read
+    at log time, so the guard adds no per-step host synchronisation.
   * Gradient accumulation splits the global batch into ``train.grad_accum`` micro-batches
     (rows i::k, so every device keeps its own rows) and averages their gradients in a
     ``lax.scan``; each micro-batch draws its own masking time.
@@ -419,7 +419,8 @@ def _loop(config, workdir: str, run: _Run, hooks: Sequence[Hook], sample_fn,
             bar.update(1)
             if step % log_every == 0 or step == n_total:
                 now = time.perf_counter()
-                last = _log_metrics(pending, state, step, (step - step_log) / max(now - t_log, 1e-9))
+                rate = (step - step_log) / max(now - t_log, 1e-9)
+                last = _log_metrics(pending, state, step, rate)
                 pending, t_log, step_log = [], now, step
                 writer.scalars(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)

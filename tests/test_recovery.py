@@ -220,6 +220,20 @@ def test_checkpoint_directory_lost_mid_run_stops_at_the_next_save(run10, tmp_pat
     assert sorted(os.listdir(tmp_path / "moved")) == ["5"]
 
 
+def test_full_checkpoint_disk_is_named_before_a_save(tmp_path, monkeypatch):
+    from emigm_jax import checkpoint
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda p: usage._replace(free=3 * 2**20))  # 3 MiB left
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'ckpt'} has 3.0 MiB free but a checkpoint needs about 4.0 MiB")):
+        ckpt.save(1, {"w": jax.numpy.zeros((2**20,), jax.numpy.float32)})  # 4 MiB of state
+    ckpt.ensure_writable(need_bytes=2 * 2**20)  # 2 MiB * 1.2 margin fits in 3 MiB
+    ckpt.close()
+    assert ckpt.all_steps() == []
+
+
 def test_sigterm_while_a_save_is_pending_stops_at_once(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
     stuck = threading.Event()
