@@ -245,18 +245,25 @@ class Checkpointer:
             source.rename(target)
         self.manager.reload()
 
-    def newest_intact(self, restore_one: Callable[[int], Any],
-                      params_of: Callable[[Any], Any]) -> tuple[int, Any] | None:
+    def newest_intact(self, restore_one: Callable[[int], Any], params_of: Callable[[Any], Any],
+                      required: tuple[str, ...] = ()) -> tuple[int, Any] | None:
         """(step, restore_one(step)) for the newest step that restores, or None.
 
         ``params_of(abstract tree)`` gives the parameter subtree whose shapes are checked
-        against the step's metadata first (a mismatch raises, it is not damage).
+        against the step's metadata first, and the saved state must hold the ``required``
+        top-level entries (a mismatch raises, it is not damage).
         """
         for step in sorted(self.all_steps(), reverse=True):
+            where = f"checkpoint {self.directory / str(step)}"
             try:
                 stored = _stored_tree(self.directory / str(step) / STATE_ITEM)
-                check_param_shapes(params_of(stored), params_of(None),
-                                   f"checkpoint {self.directory / str(step)}")
+                missing = sorted(set(required) - set(stored))
+                if missing:
+                    raise CheckpointMismatchError(
+                        f"{where} holds {sorted(stored)} but not {missing}: it can sample and "
+                        f"evaluate (e.g. a converted checkpoint) but not resume training; "
+                        f"train in a new --workdir")
+                check_param_shapes(params_of(stored), params_of(None), where)
                 return step, restore_one(step)
             except (CheckpointMismatchError, KeyboardInterrupt, MemoryError):
                 raise
@@ -281,8 +288,11 @@ class Checkpointer:
                 items[DATA_ITEM] = grain_restore(data_iterator)
             return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM]
 
+        fields = {_path_str(path[:1])
+                  for path, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
         return self.newest_intact(
-            restore_one, lambda t: abstract_state.params if t is None else t["params"])
+            restore_one, lambda t: abstract_state.params if t is None else t["params"],
+            required=tuple(sorted(fields)))
 
     def restore_params(self, abstract_params: Any, key: str = "ema_params"
                        ) -> tuple[int, Any] | None:

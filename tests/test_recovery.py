@@ -182,6 +182,25 @@ def test_changed_architecture_in_a_checkpoint_is_a_mismatch_not_damage(run10, tm
     assert not (run / "checkpoints_damaged").exists()
 
 
+def test_sampling_only_checkpoint_cannot_resume_training_and_is_kept(tmp_path):
+    """A converted checkpoint (no optimizer state) is a different kind, not damage."""
+    import optax
+    params = {"w": jax.numpy.ones((3, 4))}
+    state = train.init_train_state(params, optax.adamw(1e-3), jax.random.key(0))
+    mesh = shd.make_mesh(tiny_digits_config().mesh)
+    sh = shd.named_shardings(state, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            state, sh)
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(3, {"step": state.step, "params": params, "ema_params": params})
+    with pytest.raises(ConfigError, match=r"not \['nonfinite_max_streak'.*not resume training"):
+        ckpt.restore(abstract)
+    assert ckpt.all_steps() == [3] and not (tmp_path / "ckpt_damaged").exists()
+    step, ema = ckpt.restore_params(abstract.ema_params)  # sampling still works
+    assert step == 3 and np.asarray(ema["w"]).tolist() == [[1.0] * 4] * 3
+    ckpt.close()
+
+
 # ----------------------------------------------------------------------------- 2: unwritable
 
 
