@@ -253,6 +253,19 @@ def select_entry(obj: Any, key: str | None, path: str) -> Mapping:
     return obj
 
 
+def _load_torch(path: str, trusted_pickle: bool) -> Any:
+    """``torch.load`` of tensors and containers only unless trusted; errors in one line."""
+    from emigm_jax.convert.torch_io import import_torch, readable_load_error  # pylint: disable=import-outside-toplevel
+    torch = import_torch()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted_pickle)
+    except Exception as e:  # pylint: disable=broad-except
+        readable = readable_load_error(path, e)
+        if readable is None:
+            raise
+        raise readable from e
+
+
 def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
                     trusted_pickle: bool = False) -> dict[str, np.ndarray]:
     """Reads a flat ``{name: array}`` state dict from ``.safetensors`` or a torch pickle.
@@ -270,8 +283,7 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
         obj: Any = load_file(path)
     elif path.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
-        obj = load_pth(path, trusted_pickle=trusted_pickle)  # one-line errors, pickle policy
+        obj = _load_torch(path, trusted_pickle)
     else:
         raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .ckpt, "
                          ".pt, .pth or .bin")
