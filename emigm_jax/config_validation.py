@@ -5,6 +5,7 @@ readable message instead of as a shape error deep inside jit.
 """
 from __future__ import annotations
 
+from emigm_jax.buckets import check_fractions
 from emigm_jax.schedules import SCHEDULE_ALIASES, SCHEDULE_NAMES, WEIGHT_NAMES
 
 CHOICES = {
@@ -119,6 +120,11 @@ def validate_config(config) -> None:
                  "model.encoder_capacity", m.encoder_capacity,
                  f">= buffer_size + seq_len - mask.min_masked = "
                  f"{total - config.mask.min_masked} (else kept tokens could be cut)")
+
+    for name in ("encoder_buckets", "loss_buckets"):
+        reason = check_fractions(m.get(name, ()), f"model.{name}")
+        if reason:
+            raise ConfigError(reason)
 
     k = config.mask
     _require(0.0 <= k.t_min < 1.0, "mask.t_min", k.t_min, "a value in [0, 1)")

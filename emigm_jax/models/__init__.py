@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emigm_jax.buckets import count_ladder
 from emigm_jax.models.generator import MaskedGenerator
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,6 +24,16 @@ def token_dim(config) -> int:
     return m.latent_channels * m.patch_size ** 2
 
 
+def encoder_ladder(config) -> tuple[int, ...]:
+    """Encoder capacity rungs (buffer + ceil(f * N) for f in ``model.encoder_buckets``, then
+    the full capacity); one rung when the ladder is off or the arch has no token dropping."""
+    m = config.model
+    top = m.encoder_capacity or m.buffer_size + seq_len(config)
+    if m.arch != "mae":
+        return (top,)
+    return count_ladder(seq_len(config), m.get("encoder_buckets", ()), m.buffer_size, top)
+
+
 def build_model(config) -> MaskedGenerator:
     m = config.model
     return MaskedGenerator(
@@ -32,6 +43,7 @@ def build_model(config) -> MaskedGenerator:
         attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, arch=m.arch, head_type=m.head,
         cfg_mode=m.cfg_mode, head_depth=m.head_depth, head_width=m.head_width,
         vocab_size=m.vocab_size, encoder_capacity=m.encoder_capacity,
+        encoder_ladder=encoder_ladder(config),
         single_reference_semantics=m.single_reference_semantics,
         block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
         post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
