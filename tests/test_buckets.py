@@ -41,10 +41,10 @@ def test_count_ladder_and_rung_index():
 
 def test_default_ladders_and_validation():
     c = tiny_config()  # 16 tokens, 4 buffers
-    assert encoder_ladder(c) == (5, 6, 7, 8, 10, 12, 16, 20)
+    assert encoder_ladder(c) == (5, 6, 8, 10, 14, 20)
     assert encoder_ladder(tiny_config(arch="single")) == (20,)
     from configs import emigm_xs_256
-    assert encoder_ladder(emigm_xs_256.get_config()) == (80, 96, 112, 128, 160, 192, 256, 320)
+    assert encoder_ladder(emigm_xs_256.get_config()) == (80, 96, 128, 160, 224, 320)
     for bad in ((0.5, 0.25), (0.0, 0.5), (0.5, 1.0), ("x",)):
         c.model.encoder_buckets = bad
         with pytest.raises(ConfigError, match="model.encoder_buckets"):
