@@ -7,14 +7,14 @@ from emigm_jax.sampling.draws import (cfg_probs_logits, cfg_weight, differential
 from emigm_jax.sampling.plan import (CFG_SCHEDULES, HEAD_CAPACITIES, Z_SAMPLINGS,
                                      Z_SCORE_PASSES, CompanionOptions, StepPlan,
                                      companion_options, expected_nfe, guided_steps,
-                                     head_chunk, make_plan, reveal_probabilities, step_nfe,
-                                     time_grid, z_sampling_steps)
+                                     head_chunk, head_ladder, make_plan, reveal_probabilities,
+                                     step_nfe, time_grid, z_sampling_steps)
 from emigm_jax.sampling.sampler import SamplerState, make_sampler, sample
 
 __all__ = [
     "CFG_SCHEDULES", "HEAD_CAPACITIES", "Z_SAMPLINGS", "Z_SCORE_PASSES", "CompanionOptions",
     "SamplerState", "StepPlan", "cfg_probs_logits", "cfg_weight", "companion_options",
     "differential_draw", "expected_nfe", "filter_logits", "guided_steps", "gumbel_scale",
-    "head_chunk", "log_or_min", "make_plan", "make_sampler", "noise_reg_strength",
+    "head_chunk", "head_ladder", "log_or_min", "make_plan", "make_sampler", "noise_reg_strength",
     "reveal_probabilities", "sample", "step_nfe", "time_grid", "z_sampling_steps",
 ]

@@ -200,6 +200,16 @@ def head_chunk(sample_cfg, n: int) -> int:
     return n if mode == "full" else min(int(chunk), n)
 
 
+def head_ladder(sample_cfg, n: int) -> tuple[int, ...]:
+    """Chunk sizes the head's draw is compiled for: 1, 2, 4, ... below ``head_chunk``, then
+    the chunk. Each step runs the smallest one holding its revealed count (``head_capacity=
+    'full'``: the one size N). Same tokens for any of them on the DPM-Solver path."""
+    chunk = head_chunk(sample_cfg, n)
+    if sample_cfg.get("head_capacity", "auto") == "full":
+        return (chunk,)
+    return tuple(sorted({1 << i for i in range(chunk.bit_length()) if 1 << i < chunk} | {chunk}))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     t: np.ndarray          # [K]

@@ -27,7 +27,7 @@ from emigm_jax.masking import row_ranks
 from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.sampling import draws
 from emigm_jax.sampling.head_draw import HeadDraw, make_head_draw, revealed_values
-from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, Z_SCORE_PASSES,
+from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, Z_SCORE_PASSES, head_ladder,
                                      companion_options, make_plan, time_grid, z_sampling_steps)
 
 
@@ -324,7 +324,7 @@ def build_spec(config, transformer_fn: Callable | None = None) -> SamplerSpec:
     net = (functools.partial(model_net, model) if transformer_fn is None
            else functools.partial(stand_in_net, transformer_fn))
     grid = time_grid(sc)
-    head = None if categorical else make_head_draw(sc, model, c, plan.chunk)
+    head = None if categorical else make_head_draw(sc, model, c, plan.chunk, head_ladder(sc, n))
     return SamplerSpec(model=model, net=net, n=n, c=c,
                        vocab=int(config.model.vocab_size) if categorical else 0, opts=opts,
                        plan=plan, sample_cfg=sc, t_before=jnp.asarray(grid[:-1], jnp.float32),
