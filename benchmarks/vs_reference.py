@@ -165,7 +165,7 @@ def timed(fn, reps: int = 1):
 
 # ------------------------------------------------------------------------------- ours
 def cost_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = jax.jit(fn).lower(*args).cost_analysis()  # HLO count: no compile needed
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", float("nan")))
 
@@ -282,6 +282,7 @@ def main() -> None:
         masked = round(float(mets["mask_ratio"]) * seq_len(config))
         f_ours = ours_train_flops(config, params, masked, args.batch)
         print(f"ours: first step incl. compile {first:.1f}s; last step masked {masked} tokens")
+        print(f"train: reference {t_ref:.2f}s ours {t_ours:.2f}s", flush=True)
         rows.append(("train step, batch %d" % args.batch, t_ref, t_ours, f_ref, f_ours))
     presets = [("16-iteration preset", {})]
     if args.iter128:
@@ -315,6 +316,8 @@ def sample_row(emigm, ref, counter, config, params, title, over, images):
     print(f"ours {title}: first call incl. compile {time.perf_counter() - t:.1f}s; reveal "
           f"counts {np.asarray(info['reveal_counts']).tolist()}")
     (_, info), t_ours = timed(lambda: jax.block_until_ready(fn(params, jl, jax.random.key(1))))
+    print(f"{title}: reference {t_ref / images:.2f} s/image ours {t_ours / images:.2f} s/image",
+          flush=True)
     f_ours = ours_sampling_flops(c, params, np.asarray(info["reveal_counts"]), images)
     return (f"{title}, {images} images (per image)", t_ref / images, t_ours / images, f_ref,
             f_ours)
