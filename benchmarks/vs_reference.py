@@ -276,6 +276,8 @@ def main() -> None:
         counter.flops = 0.0
         _, t_ref = timed(step_ref)
         f_ref = 3.0 * counter.flops / args.batch
+        print(f"reference train step {t_ref:.2f}s, {f_ref / 1e9:.1f} GFLOP/image; load "
+              f"{os.getloadavg()}", flush=True)
         run, first = ours_train(config.copy_and_resolve_references(), params, args.batch)
         run()
         mets, t_ours = timed(run, 2)
@@ -308,6 +310,8 @@ def sample_row(emigm, ref, counter, config, params, title, over, images):
         _, t_ref = timed(lambda: ref.sample_tokens(images, num_iter=s.num_iter, cfg=s.cfg_scale,
                                                    cfg_schedule=s.cfg_schedule, labels=labels))
     f_ref = counter.flops / images
+    print(f"reference {title}: {t_ref / images:.2f} s/image, {f_ref / 1e9:.1f} GFLOP/image",
+          flush=True)
     jl = jnp.asarray(labels.numpy(), jnp.int32)
     fn = sampling.make_sampler(c)
     t = time.perf_counter()
