@@ -175,9 +175,6 @@ class PreemptionWatcher:
         self._flag.set()
         logging.warning("received signal %d: will checkpoint and stop at the next step", signum)
 
-    def request_stop(self) -> None:
-        self._flag.set()
-
     def should_stop(self, step: int) -> bool:
         if self._flag.is_set():
             return True

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -205,6 +206,13 @@ _CLUSTER_ENV = (
     ("OMPI_COMM_WORLD_SIZE", "Open MPI"),
     ("JAX_NUM_PROCESSES", "explicit env"),
 )
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as one numpy array on every process (gathered when not addressable)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _auto_cluster() -> str | None:

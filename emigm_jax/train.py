@@ -1,6 +1,6 @@
 """Train state, optimizer, the sharded train step, and the training loop.
 
-Recipe (SPEC section 3): AdamW (b1 0.9, b2 0.95, weight decay 0.02 on the transformer's >=2-D
+Recipe (eMIGM paper, App. D): AdamW (b1 0.9, b2 0.95, weight decay 0.02 on the transformer's >=2-D
 weights only), lr = base_lr * global_batch / 256 with linear warmup then constant, gradient
 clipping to global norm 3.0, EMA of the parameters (decay 0.9999; the EMA weights are the ones
 used for sampling), fp32 master parameters with the compute dtype from ``config.model.dtype``.
@@ -128,11 +128,6 @@ def init_train_state(params, optimizer: optax.GradientTransformation,
 _PREPARE_STREAM = 0x5EED  # fold_in tag: the input-encoding noise stream of a step
 
 
-def _global_norm(tree) -> jax.Array:
-    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
-    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
-
-
 def _split_microbatches(batch, k: int):
     """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i::k (no cross-device movement)."""
     def split(x):
@@ -184,7 +179,7 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
 
-        grad_norm = _global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -235,7 +230,7 @@ def image_encoder(config, mesh) -> tuple[PrepareFn, Any]:
     multi-epoch training; this path is for quick runs and new datasets.
     """
     from emigm_jax.models import seq_len, token_dim  # pylint: disable=import-outside-toplevel
-    from emigm_jax.tokenizers.registry import tokenizer_from_config  # pylint: disable=import-outside-toplevel
+    from emigm_jax.convert.tokenizers import tokenizer_from_config  # pylint: disable=import-outside-toplevel
 
     tok, variables = tokenizer_from_config(config)
     grid = tok.latent_shape(int(config.data.image_size))

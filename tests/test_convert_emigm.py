@@ -364,7 +364,7 @@ def test_weights_selection_matches_reference_evaluation(tmp_path):
     config = tiny_config()
     model = TorchEMIGM(config, shared=True).randomize_(5)
     ckpt = official_training_checkpoint(model, args=None)
-    # The quirk (SPEC section 8): model_ema keeps the online value under 'mask_token'.
+    # The reference checkpoints' quirk: model_ema keeps the online value under 'mask_token'.
     assert torch.equal(ckpt["model_ema"]["mask_token"], ckpt["model"]["mask_token"])
     assert not torch.equal(ckpt["model_ema"]["fake_latent"], ckpt["model"]["fake_latent"])
     evaluated = reference_eval_state(config, ckpt)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from emigm_jax.data import digits
-from emigm_jax.data import digits_metric as dm
+from emigm_jax.evaluation import digits_metric as dm
 from tests.multiprocess_worker import tiny_digits_config
 
 
@@ -71,7 +71,7 @@ def test_tokenizer_errors_name_the_problem():
     c = tiny_digits_config()
     c.model.num_classes = 1000
     with pytest.raises(ValueError, match="model.num_classes=10"):
-        digits.tokenizer_from_config(c)
+        digits.digits_tokenizer(c)
 
 
 def test_digits_source_matches_split_and_config():
@@ -166,7 +166,7 @@ def test_discrete_digits_configs_tokenise_pixels(name):
     from emigm_jax.models import seq_len
     c = importlib.import_module(f"configs.{name}").get_config()
     validate_config(c)
-    tok = digits.tokenizer_from_config(c)
+    tok = digits.digits_tokenizer(c)
     assert tok.discrete and seq_len(c) == 64 and c.model.vocab_size == digits.PIXEL_LEVELS == 17
     ex = digits.digits_source(c, "train")[0]
     assert ex["tokens"].shape == (64,) and ex["tokens"].dtype == np.int32
@@ -174,4 +174,4 @@ def test_discrete_digits_configs_tokenise_pixels(name):
                                   digits.load_digits_splits().train_images[0])
     c.model.vocab_size = 16
     with pytest.raises(ValueError, match="model.head='categorical' needs model.vocab_size=17"):
-        digits.tokenizer_from_config(c)
+        digits.digits_tokenizer(c)

@@ -10,7 +10,8 @@ import pytest
 
 from emigm_jax.convert.common import (ConversionError, Rule, convert_state_dict, dotted_to_path,
                                       load_state_dict)
-from emigm_jax.tokenizers import build_tokenizer, moments_to_tokens_np, tokenizer_from_config
+from emigm_jax.convert.tokenizers import tokenizer_from_config
+from emigm_jax.tokenizers import build_tokenizer, moments_to_tokens_np
 
 TINY_KL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
                embed_dim=4)

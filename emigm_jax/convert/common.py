@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -213,20 +213,6 @@ def convert_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule],
     if return_report:
         return tree, ConversionReport(converted=len(out), ignored=ignored)
     return tree
-
-
-def unconvert_names(rules: Sequence[Rule], keys: Iterable[str]) -> dict[str, Path]:
-    """Source key -> Flax path for each key (no tensors); handy for inspecting a table."""
-    compiled = [(re.compile(r.pattern), r) for r in rules]
-    result = {}
-    for key in keys:
-        for rx, r in compiled:
-            m = rx.fullmatch(key)
-            if m:
-                if r.target is not None:
-                    result[key] = dotted_to_path(m.expand(r.target))
-                break
-    return result
 
 
 def select_entry(obj: Any, key: str | None, path: str) -> Mapping:

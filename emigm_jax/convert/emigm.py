@@ -1,6 +1,6 @@
 """Official eMIGM (and MAR) PyTorch checkpoints -> Flax parameters and an Orbax checkpoint.
 
-Layout of an official ``.pth`` (SPEC section 8): ``{'model', 'model_ema', 'optimizer',
+Layout of an official ``.pth`` (the reference code's checkpoints): ``{'model', 'model_ema', 'optimizer',
 'epoch', 'scaler', 'args'}``; ``model``/``model_ema`` are flat state dicts in the module tree
 of the reference ``models/emigm.py`` (timm ``Block``s, MAR's ``SimpleMLPAdaLN``), ``args`` the
 training ``argparse.Namespace``. Our Flax tree keeps the same names, so the mapping is a rule
@@ -54,9 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -65,6 +62,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from emigm_jax.config_files import config_names, load_config
 from emigm_jax.convert.common import (TRANSFORMS, ConversionError, Rule, convert_state_dict,
                                       dotted_to_path, flatten, to_numpy)
 
@@ -238,46 +236,9 @@ def select_weights(ckpt: OfficialCheckpoint, weights: str = "ema") -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 # Configs.
 
-def _configs_dir() -> str:
-    import configs  # pylint: disable=import-outside-toplevel
-    return os.path.dirname(os.path.abspath(configs.__file__))
-
-
-def load_config(spec: Any):
-    """A ConfigDict, a config name (``emigm_xs_256``) or a path to a config file."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return spec
-    spec = os.fspath(spec)
-    if spec.endswith(".py") or os.sep in spec:
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"config file not found: {spec!r}")
-        module_spec = importlib.util.spec_from_file_location("_emigm_convert_config", spec)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(f"configs.{spec}")
-        except ModuleNotFoundError as e:
-            raise ValueError(f"no config named {spec!r} (looked for configs/{spec}.py; "
-                             f"available: {', '.join(available_configs())})") from e
-    config = module.get_config()
-    if "name" not in config or not config.name:
-        with config.unlocked():
-            config.name = os.path.splitext(os.path.basename(spec))[0]
-    return config
-
-
 def available_configs() -> list[str]:
     """Config names under configs/ that describe a diffusion-head model (not base)."""
-    names = []
-    for f in sorted(glob.glob(os.path.join(_configs_dir(), "*.py"))):
-        n = os.path.splitext(os.path.basename(f))[0]
-        if n in ("__init__", "base"):
-            continue
-        with open(f, encoding="utf-8") as fh:
-            if "def get_config" in fh.read():  # skip helper modules (size tables)
-                names.append(n)
-    return names
+    return [n for n in config_names() if n != "base"]
 
 
 def _args_overrides(args: Mapping[str, Any]) -> dict[str, Any]:

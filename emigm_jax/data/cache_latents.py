@@ -4,7 +4,7 @@ r"""Encode an image dataset once into tokenizer "moments" (image and its flip), 
       --config.data.path=/data/imagenet --config.tokenizer.path=/ckpt/kl16.ckpt \
       --cache_dir=/data/imagenet_kl16_256 [--source=folder|tfds] [--labels=labels.txt]
 
-What is stored (SPEC section 3): per image, an array [2, K, h, w, C] — index 0 the image,
+What is stored: per image, an array [2, K, h, w, C] — index 0 the image,
 1 its horizontal flip; K = 2 (posterior mean, clamped log-variance) for KL-16, K = 1 (the
 latent) for the deterministic DC-AE. No scale factor is applied: training multiplies by
 ``tokenizer.scale`` (`emigm_jax.data.latent_dataset`).
@@ -154,7 +154,8 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
     from emigm_jax.data import sources  # pylint: disable=import-outside-toplevel
-    from emigm_jax.tokenizers import build_tokenizer, tokenizer_from_config  # pylint: disable=import-outside-toplevel
+    from emigm_jax.convert.tokenizers import tokenizer_from_config  # pylint: disable=import-outside-toplevel
+    from emigm_jax.tokenizers import build_tokenizer  # pylint: disable=import-outside-toplevel
 
     if per_device_batch <= 0 or shard_size <= 0:
         raise ValueError(f"batch size {per_device_batch} and shard size {shard_size} must be > 0")

@@ -306,8 +306,9 @@ def model_net(model, params, tokens, mask, labels, t):
     return model.apply({"params": params}, tokens, mask, labels, t=t, method="transformer")
 
 
-def stand_in_net(transformer_fn, params, tokens, mask, labels, t):  # pylint: disable=unused-argument
+def stand_in_net(transformer_fn, params, tokens, mask, labels, t):
     """A test stand-in ``(params, tokens, mask, labels) -> z``: it takes no time."""
+    del t
     return transformer_fn(params, tokens, mask, labels)
 
 

@@ -25,21 +25,7 @@ import warnings
 import numpy as np
 
 from emigm_jax.data.digits import NUM_CLASSES, PIXEL_MAX, SIDE, DigitsSplits, load_digits_splits
-
-try:  # the project's float64 Frechet distance (ADM conventions)
-    from emigm_jax.evaluation.metrics import frechet_distance
-except ImportError:  # pragma: no cover - evaluation package missing
-    frechet_distance = None
-
-
-def _frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    if frechet_distance is not None:
-        return frechet_distance(mu1, sigma1, mu2, sigma2)
-    import scipy.linalg  # pylint: disable=import-outside-toplevel
-    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    covmean = scipy.linalg.sqrtm(np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64))
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-
+from emigm_jax.evaluation.metrics import frechet_distance
 
 def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean [F] and covariance [F, F] (ddof=1) in float64."""
@@ -117,11 +103,11 @@ def score_samples(images: np.ndarray, labels: np.ndarray, *, test_fraction: floa
     pred = clf.predict(images)
     per_class = [float(np.mean(pred[labels == c] == c)) if np.any(labels == c) else float("nan")
                  for c in range(NUM_CLASSES)]
-    sample_fd = _frechet_distance(*gaussian_fit(clf.features(images)), *ref)
+    sample_fd = frechet_distance(*gaussian_fit(clf.features(images)), *ref)
 
     k = min(len(images), len(splits.train_images))
     pick = np.random.default_rng(seed).choice(len(splits.train_images), size=k, replace=False)
-    real_fd = _frechet_distance(*gaussian_fit(clf.features(splits.train_images[pick])), *ref)
+    real_fd = frechet_distance(*gaussian_fit(clf.features(splits.train_images[pick])), *ref)
     return {
         "sample_class_accuracy": float(np.mean(pred == labels)),
         "sample_fd": float(sample_fd),
