@@ -160,10 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
         fid_stats_path="",          # FID-only stats (mu, sigma), e.g. fid_stats_imagenet256_guided_diffusion.npz
         preprocess="adm",           # adm (TF1 resize, as the published stats) | pytorch_fid
         num_images=0,               # 0 = sample.num_images
-        cache_dir="",
-        save_npz=False,
-        inception_size=299,
-        preview=64,
+        cache_dir="",               # reference pool3 feature cache ('' = next to the file)
+        save_npz=False,             # also write the samples as an ADM sample batch
+        inception_size=299,         # Inception input size (tests shrink it)
+        preview=64,                 # images in the preview PNG
     ))
     # NFE-vs-FID sweep grid (--mode=sweep).
     c.sweep = ml_collections.ConfigDict(dict(

@@ -110,20 +110,12 @@ def apply_sample_preset(config, name: str | None) -> None:
 
 def preflight(config, mode: str) -> None:
     """Config fields, mesh shape vs devices, batch divisibility: all before compilation."""
-
     try:
         validate_config(config)
-        mesh_shape = shd.mesh_shape(config.mesh, jax.device_count())
-        n_dev = mesh_shape[0] * mesh_shape[1]
+        mesh = shd.make_mesh(config.mesh)
         if mode == "train":
-            accum = int(config.train.grad_accum)
-            batch = int(config.train.batch_size)
-            if batch % accum or (batch // accum) % n_dev or batch % jax.process_count():
-                raise PreflightError(
-                    f"config.train.batch_size={batch} must be divisible by train.grad_accum="
-                    f"{accum} times the {n_dev} devices (data={mesh_shape[0]} x fsdp="
-                    f"{mesh_shape[1]}), i.e. a multiple of {accum * n_dev}, and by the "
-                    f"{jax.process_count()} processes")
+            shd.check_batch_size(int(config.train.batch_size), mesh,
+                                 grad_accum=int(config.train.grad_accum))
         if config.data.source not in SOURCES:
             raise PreflightError(f"config.data.source={config.data.source!r} is invalid: "
                                  f"expected one of {SOURCES}")

@@ -4,6 +4,7 @@ import pytest
 
 from emigm_jax.data import digits
 from emigm_jax.evaluation import digits_metric as dm
+from emigm_jax.evaluation.metrics import gaussian_stats
 from tests.multiprocess_worker import tiny_digits_config
 
 
@@ -90,12 +91,12 @@ def test_digits_source_matches_split_and_config():
 def test_gaussian_fit_is_float64_mean_and_unbiased_cov():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(50, 3)).astype(np.float32)
-    mu, cov = dm.gaussian_fit(f)
+    mu, cov = gaussian_stats(f)
     assert mu.dtype == np.float64 and cov.dtype == np.float64
     x = f.astype(np.float64)
     np.testing.assert_allclose(cov, (x - x.mean(0)).T @ (x - x.mean(0)) / 49, rtol=1e-12)
     with pytest.raises(ValueError, match="n >= 2"):
-        dm.gaussian_fit(f[:1])
+        gaussian_stats(f[:1])
 
 
 def test_score_real_images_sets_the_ceiling_and_noise_scores_badly():

@@ -9,17 +9,9 @@ ADM-format sample batch (arr_0 uint8, arr_1 labels), which the official ADM eval
 Labels: `num_images` class-balanced labels (50 per class for 50K / 1000 classes, as in the
 reference code), in a seeded random order so every Inception Score split sees all classes.
 
-Config (`config.eval`, all optional except inception_path):
-  inception_path   pt_inception-2015-12-05-6726825d.pth or a converted .msgpack
-  reference_path   ADM reference batch (VIRTUAL_imagenet256_labeled.npz): FID, sFID, P/R
-  fid_stats_path   FID-only stats (fid_stats_imagenet256_guided_diffusion.npz): FID
-  preprocess       'adm' (default; matches both reference files) | 'pytorch_fid'
-  num_images       0 -> config.sample.num_images
-  cache_dir        where reference pool3 features are cached ('' -> next to the file)
-  save_npz         write the samples as an ADM sample batch
-  inception_size   Inception input size (299; tests shrink it)
-When both reference files are given, `fid` is against the ADM batch and `fid_stats_fid`
-against the FID-only file (the reference code's number).
+Settings: `config.eval` (fields documented in configs/base.py). When both reference files
+are given, `fid` is against the ADM batch and `fid_stats_fid` against the FID-only file
+(the reference code's number).
 """
 from __future__ import annotations
 

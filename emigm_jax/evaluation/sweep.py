@@ -1,44 +1,12 @@
-"""NFE-vs-quality sweep (`python -m emigm_jax.main --mode=sweep ...`).
+"""NFE-vs-quality sweep (``python -m emigm_jax.main --mode=sweep ...``).
 
-Why: eMIGM's claim is a quality/compute trade-off, so the product has to show quality as a
-function of network forward passes (NFE), not one number. The sweep re-runs
-sample-and-score for every grid point and writes, in ``<workdir>/sweep/``:
-
-  sweep.csv, sweep.md   one row per point: num_iter, cfg_scale, NFE (measured by the sampler,
-                        ``info['nfe']``, next to ``sampling.expected_nfe``), the quality
-                        metrics, CFG interval, wall time; ``pareto`` names the metrics for
-                        which the point is on the NFE-vs-quality Pareto front
-  nfe_vs_fid.png        quality against NFE, one line per setting family (CFG scale and
-                        interval), Pareto-front points ringed
-  sweep.json            rows and settings
-  points/<name>.json    one file per finished point (see resumption below)
-
-Two scorers:
-  * Inception (ImageNet-style configs): FID, sFID, IS, precision, recall, with one tokenizer,
-    one Inception and one reference loaded once for the whole grid.
-  * digits (``data.source='digits'``): class accuracy and Frechet distance in the digits
-    classifier's feature space (``emigm_jax.evaluation.digits_sweep``); minutes on a CPU.
-
-The grid, resumption, table and plot are shared: ``emigm_jax.evaluation.sweep_grid``.
-
-Resumption: each point's JSON carries a key hashed from the model and sample config, the
-sample count and seed, the scorer setup and a fingerprint of the parameters. A rerun reuses
-every point whose key matches, so an interrupted sweep continues where it stopped, extending
-the grid only samples the new points, and a retrained model never mixes with stale points.
-
-Config (``config.sweep``, optional):
-  num_iters      mask-prediction step counts (default 4, 8, 16, 32, 64); counts above the
-                 number of tokens per image are dropped with a warning (extra steps could
-                 only repeat forward passes that reveal nothing)
-  cfg_scales     CFG scales (default: just config.sample.cfg_scale)
-  cfg_intervals  (cfg_t_min, cfg_t_max) pairs (default: just config.sample's interval)
-  num_images     samples per point (0 -> eval.num_images, or sample.num_images for digits)
-  presets        names of config.sample_presets to cross with the grid, one plot line family
-                 each ("default" = the config's own sample settings); empty: the config's
-                 settings only. This is how sampler switches (schedules, Gumbel noise,
-                 Z-sampling, ...) are compared at equal NFE in one table.
-  out_dir        subdirectory of the workdir for this sweep's files (default "sweep"), so
-                 several studies on one model keep separate tables
+Why: eMIGM's claim is a quality/compute trade-off, so quality has to be shown as a function
+of network forward passes (NFE), not as one number. Every grid point is sampled and scored
+by one of two scorers: Inception (FID, sFID, IS, precision, recall; tokenizer, Inception and
+reference loaded once for the grid) or, for ``data.source='digits'``, the digits classifier
+(``emigm_jax.evaluation.digits_sweep``). The grid, resumable point files, table and plot are
+``emigm_jax.evaluation.sweep_grid``; the files and ``config.sweep`` fields are described in
+docs/ARCHITECTURE.md ("The sweep").
 """
 from __future__ import annotations
 

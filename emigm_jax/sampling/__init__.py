@@ -2,14 +2,14 @@
 random draws and logit transforms), ``head_draw`` (the diffusion head's chunked draw),
 ``sampler`` (the scan and its state) and ``generate`` (the batched generation loop). The
 public names are re-exported here."""
-from emigm_jax.sampling.draws import (cfg_probs_logits, cfg_weight, differential_draw,
-                                      filter_logits, gumbel_scale, log_or_min,
-                                      noise_reg_strength)
-from emigm_jax.sampling.plan import (CFG_SCHEDULES, HEAD_CAPACITIES, Z_SAMPLINGS,
-                                     Z_SCORE_PASSES, CompanionOptions, StepPlan,
-                                     companion_options, expected_nfe, guided_steps,
-                                     head_chunk, make_plan, reveal_probabilities, step_nfe,
-                                     time_grid, z_sampling_steps)
+from emigm_jax.sampling.draws import (CFG_SCHEDULES, cfg_probs_logits, cfg_weight,
+                                      differential_draw, filter_logits, gumbel_scale,
+                                      log_or_min, noise_reg_strength)
+from emigm_jax.sampling.plan import (HEAD_CAPACITIES, Z_SAMPLINGS, Z_SCORE_PASSES,
+                                     CompanionOptions, StepPlan, companion_options,
+                                     expected_nfe, guided_steps, head_chunk, make_plan,
+                                     reveal_probabilities, step_nfe, time_grid,
+                                     z_sampling_steps)
 from emigm_jax.sampling.generate import (GeneratedBatch, GenerationTimes, generate,
                                         generate_batches, sample_batch_size)
 from emigm_jax.sampling.sampler import SamplerState, make_sampler, sample

@@ -28,7 +28,7 @@ from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.sampling import draws
 from emigm_jax.sampling.head_draw import HeadDraw, make_head_draw, revealed_values
 from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, Z_SCORE_PASSES,
-                                     companion_options, make_plan, time_grid, z_sampling_steps)
+                                     companion_options, make_plan, z_sampling_steps)
 
 
 @flax.struct.dataclass
@@ -324,12 +324,11 @@ def build_spec(config, transformer_fn: Callable | None = None) -> SamplerSpec:
     opts, plan = companion_options(sc, categorical), make_plan(sc, n)
     net = (functools.partial(model_net, model) if transformer_fn is None
            else functools.partial(stand_in_net, transformer_fn))
-    grid = time_grid(sc)
     head = None if categorical else make_head_draw(sc, model, c, plan.chunk)
     return SamplerSpec(model=model, net=net, n=n, c=c,
                        vocab=int(config.model.vocab_size) if categorical else 0, opts=opts,
-                       plan=plan, sample_cfg=sc, t_before=jnp.asarray(grid[:-1], jnp.float32),
-                       t_after=jnp.asarray(grid[1:], jnp.float32), head=head)
+                       plan=plan, sample_cfg=sc, t_before=jnp.asarray(plan.t, jnp.float32),
+                       t_after=jnp.asarray(plan.s, jnp.float32), head=head)
 
 
 _SAMPLERS: dict[str, Any] = {}
