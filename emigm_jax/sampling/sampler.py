@@ -1,15 +1,8 @@
-"""The mask-prediction sampler: one jit-compiled ``lax.scan`` over steps, static shapes.
+"""The mask-prediction sampler: one jit-compiled ``lax.scan`` over a ``SamplerState``.
 
-The scan carries a ``SamplerState``; a step (``mask_predict_step``) is: the transformer
-pass (with the unconditional pass only on guided steps), the reveal count (shared by the
-batch), the values for the revealed tokens (categorical head: a filtered, guided draw for
-every position; diffusion head: ``head_draw`` on the revealed ones), and the reveal itself.
-``sampler_step`` adds BAG's Z-sampling zig-zag on top. Every companion switch is a Python
-branch on the static ``SamplerSpec``, so the defaults trace the plain program.
-
-Every random number of a step comes from one flat uniform draw of that step's key
-(``step_uniforms``): reproducible, and identical whether the batch is sharded or not
-(threefry is partitionable).
+A step is ``mask_predict_step`` (transformer pass, reveal count, values for the revealed
+tokens, reveal); ``sampler_step`` adds BAG's Z-sampling zig-zag. Companion switches are
+Python branches on the static ``SamplerSpec``. Overview: docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
