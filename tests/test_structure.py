@@ -22,15 +22,15 @@ PORTED = ("emigm_jax/tokenizers/vae.py", "emigm_jax/tokenizers/vq.py",
 # Longest matching prefix wins; 0 = foundation ... 4 = entry points (docs/ARCHITECTURE.md).
 LAYERS = {
     "emigm_jax": 0,
-    "emigm_jax.config_validation": 0, "emigm_jax.config_files": 0, "emigm_jax.schedules": 0,
-    "emigm_jax.masking": 0, "emigm_jax.sharding": 0, "emigm_jax.checkpoint": 0,
-    "emigm_jax.diffusion": 0,
+    "emigm_jax.config_files": 0, "emigm_jax.schedules": 0, "emigm_jax.masking": 0,
+    "emigm_jax.sharding": 0, "emigm_jax.diffusion": 0,
+    "emigm_jax.config_validation": 1, "emigm_jax.checkpoint": 1, "emigm_jax.workdir": 1,
     "emigm_jax.models": 1, "emigm_jax.tokenizers": 1, "emigm_jax.losses": 1,
     "emigm_jax.data": 1, "emigm_jax.evaluation.inception": 1, "emigm_jax.evaluation.metrics": 1,
     "emigm_jax.evaluation.reference": 1,
     "emigm_jax.convert": 2, "emigm_jax.sampling": 2,
     "emigm_jax.evaluation": 3, "emigm_jax.train": 3, "emigm_jax.data.cache_latents": 3,
-    "emigm_jax.data.latent_dataset": 3,
+    "emigm_jax.data.latent_dataset": 3, "emigm_jax.data.step_encoder": 3,
     "emigm_jax.main": 4, "emigm_jax.convert.__main__": 4,
 }
 

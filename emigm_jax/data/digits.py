@@ -2,7 +2,7 @@
 
 Why this dataset: it ships inside scikit-learn (no download), is small enough to train a
 class-conditional eMIGM on two CPU cores in minutes, and is easy to score (a classifier on
-the real images recognises the generated ones; see ``emigm_jax.data.digits_metric``).
+the real images recognises the generated ones; see ``emigm_jax.evaluation.digits_metric``).
 
 Data: 1797 grey images, 8x8, integer pixels 0..16, 10 classes. A fixed, stratified, seeded
 split holds out ``test_fraction`` of the images (default 20%: 1437 train / 360 test).
