@@ -123,15 +123,15 @@ def apply_sample_preset(config, name: str | None) -> None:
 
 def preflight(config, mode: str) -> None:
     """Config fields, mesh shape vs devices, batch divisibility: all before compilation."""
+    if config.data.source not in SOURCES:  # first: the other fields' rules depend on it
+        raise PreflightError(f"config.data.source={config.data.source!r} is invalid: "
+                             f"expected one of {SOURCES}")
     try:
         validate_config(config)
         mesh = shd.make_mesh(config.mesh)
         if mode == "train":
             shd.check_batch_size(int(config.train.batch_size), mesh,
                                  grad_accum=int(config.train.grad_accum))
-        if config.data.source not in SOURCES:
-            raise PreflightError(f"config.data.source={config.data.source!r} is invalid: "
-                                 f"expected one of {SOURCES}")
     except PreflightError:
         raise
     except ValueError as e:
