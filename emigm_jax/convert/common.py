@@ -34,6 +34,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from flax import traverse_util
 
+from emigm_jax.convert.torch_io import load_pth
+
 Path = tuple[str, ...]
 
 
@@ -270,7 +272,6 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
         obj: Any = load_file(path)
     elif path.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
         obj = load_pth(path, trusted_pickle=trusted_pickle)  # one-line errors, pickle policy
     else:
         raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .ckpt, "

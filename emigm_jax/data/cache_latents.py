@@ -34,9 +34,15 @@ import os
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
+
+from emigm_jax.convert.tokenizers import tokenizer_from_config
+from emigm_jax.data import sources
+from emigm_jax.tokenizers import build_tokenizer
 
 MANIFEST = "manifest.json"
 SETTINGS = "cache_settings.json"
@@ -150,10 +156,6 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
 
     ``records``/``variables`` inject a record source / tokenizer weights (tests).
     """
-    from emigm_jax.data import sources  # pylint: disable=import-outside-toplevel
-    from emigm_jax.convert.tokenizers import tokenizer_from_config  # pylint: disable=import-outside-toplevel
-    from emigm_jax.tokenizers import build_tokenizer  # pylint: disable=import-outside-toplevel
-
     if per_device_batch <= 0 or shard_size <= 0:
         raise ValueError(f"batch size {per_device_batch} and shard size {shard_size} must be > 0")
     out_dtype = storage_dtype(dtype)
@@ -214,10 +216,6 @@ def _encode_pending(pending, records, tok, variables, cache_dir: str, num_shards
                     shard_size: int, per_device_batch: int, num_threads: int, out_dtype,
                     image_size: int, record_shape) -> None:
     """Encodes and writes the ``pending`` shards of this process on its local devices."""
-    import grain  # pylint: disable=import-outside-toplevel
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    from emigm_jax.data import sources  # pylint: disable=import-outside-toplevel
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
     batch = per_device_batch * len(jax.local_devices())
     encode, variables = make_encode_fn(tok, variables, out_dtype, mesh)
