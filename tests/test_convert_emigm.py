@@ -422,7 +422,7 @@ def test_args_pick_config_and_overrides():
     assert config.model.cfg_mode == "fake_class" and config.mask.distribution == "uniform_count"
     assert overrides == ["model.width=1024", "model.enc_depth=16", "model.dec_depth=16",
                          "model.num_heads=16", "model.head_depth=8", "model.head_width=1280"]
-    assert conv._config_signature(config) == conv._config_signature(  # same tensor shapes
+    assert conv.config_signature(config) == conv.config_signature(  # same tensor shapes
         conv.load_config("emigm_l_256"))
     config, name, overrides = conv.config_from_args({"model": "mar_base", "img_size": 256,
                                                      "diffloss_d": 6, "diffloss_w": 1024})
