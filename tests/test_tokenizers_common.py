@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import fractions
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +89,9 @@ def test_load_state_dict_formats(tmp_path):
         load_state_dict(tmp_path / "w.ckpt")
     with pytest.raises(KeyError, match="no entry 'ema'"):
         load_state_dict(tmp_path / "w.ckpt", key="ema")
-    torch.save({"model": {"a.weight": torch.ones(1)}, "args": argparse.Namespace(x=1)}, tmp_path / "p.pth")
+    # a pickled object outside the allow-list (argparse.Namespace is allowed: official args)
+    torch.save({"model": {"a.weight": torch.ones(1)}, "extra": fractions.Fraction(1, 3)},
+               tmp_path / "p.pth")
     with pytest.raises(ValueError, match="trusted_pickle"):
         load_state_dict(tmp_path / "p.pth", key="model")
     assert load_state_dict(tmp_path / "p.pth", key="model", trusted_pickle=True)["a.weight"].shape == (1,)
