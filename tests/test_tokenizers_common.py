@@ -1,7 +1,6 @@
 """The shared converter helper (`convert.common`) and the tokenizer interface (`Tokenizer`)."""
 from __future__ import annotations
 
-import argparse
 import fractions
 
 import jax
