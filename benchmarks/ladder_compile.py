@@ -9,6 +9,7 @@
 Run from the repository root (the test suite's tiny config comes from ``tests.conftest``).
 Prints trace and compile seconds of ``jax.jit(jax.value_and_grad(loss_fn))``.
 """
+import os
 import sys
 import time
 
