@@ -71,7 +71,7 @@ def test_mae_dropping_equals_running_on_kept_tokens_only():
     x = ln(bb["z_proj_ln"], x)
     keep_idx = np.array([i for i in range(20) if i - 4 not in [1, 4, 5, 11, 15]])
     from emigm_jax.models.transformer import BlockStack
-    enc = BlockStack(1, 4, prefix="block")
+    enc = BlockStack(depth=1, num_heads=4, prefix="block")
     xk = enc.apply({"params": bb["encoder_blocks"]}, x[:, keep_idx])
     xk = ln(bb["encoder_norm"], xk)
     xk = xk @ bb["decoder_embed"]["kernel"] + bb["decoder_embed"]["bias"]

@@ -85,14 +85,14 @@ class MaskedTransformer(nn.Module):
                      attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
                      remat=self.remat, dtype=self.dtype, prefix="block", kind=self.block,
                      qk_norm=self.qk_norm, post_norm=self.post_norm)
-        self.encoder_blocks = BlockStack(self.enc_depth, **stack)
+        self.encoder_blocks = BlockStack(depth=self.enc_depth, **stack)
         self.encoder_norm = block_norm(self.block, "encoder_norm", self.dtype)
         if self.dec_depth > 0:
             self.decoder_embed = dense(d, "decoder_embed", self.dtype, bias)
             if learned:
                 self.decoder_pos_embed_learned = self.param(
                     "decoder_pos_embed_learned", embed_init, (1, total, d), jnp.float32)
-            self.decoder_blocks = BlockStack(self.dec_depth, **stack)
+            self.decoder_blocks = BlockStack(depth=self.dec_depth, **stack)
             self.decoder_norm = block_norm(self.block, "decoder_norm", self.dtype)
         if learned:
             self.diffusion_pos_embed_learned = self.param(

@@ -200,20 +200,13 @@ class ViTBlock(nn.Module):
         return x + h
 
 
-class BlockStack(nn.Module):
-    """``depth`` blocks named ``{prefix}_{i}``; optional rematerialisation per block."""
+class BlockStack(ViTBlock):
+    """``depth`` blocks with this module's ``ViTBlock`` fields, named ``{prefix}_{i}``;
+    optional rematerialisation per block."""
 
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    attn_dropout: float = 0.0
-    proj_dropout: float = 0.0
+    depth: int = 1
     remat: bool = False
-    dtype: Any = jnp.float32
     prefix: str = "blocks"
-    kind: str = "vit"
-    qk_norm: bool = False
-    post_norm: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
