@@ -1,27 +1,24 @@
 """Compile-time cost of the work-proportional ladders on the test suite's tiny config.
 
-    python benchmarks/ladder_compile.py none   # full capacity only
-    python benchmarks/ladder_compile.py enc2   # encoder rungs (1/4, 1/2, full), loss off
-    python benchmarks/ladder_compile.py enc    # default encoder ladder, loss off
-    python benchmarks/ladder_compile.py loss   # encoder off, default loss ladder
-    python benchmarks/ladder_compile.py both   # the shipped defaults
+    python -m benchmarks.ladder_compile none   # full capacity only
+    python -m benchmarks.ladder_compile enc2   # encoder rungs (1/4, 1/2, full), loss off
+    python -m benchmarks.ladder_compile enc    # default encoder ladder, loss off
+    python -m benchmarks.ladder_compile loss   # encoder off, default loss ladder
+    python -m benchmarks.ladder_compile both   # the shipped defaults
 
+Run from the repository root (the test suite's tiny config comes from ``tests.conftest``).
 Prints trace and compile seconds of ``jax.jit(jax.value_and_grad(loss_fn))``.
 """
 import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from emigm_jax import losses  # noqa: E402
-from emigm_jax.models import init_params  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from emigm_jax import losses
+from emigm_jax.models import init_params
+from tests.conftest import tiny_config
 
 
 def main(variant: str) -> None:

@@ -13,7 +13,7 @@ Cases (random weights; the numbers do not depend on the values):
 
 Timing excludes compilation (the program is compiled ahead of time with
 ``jax.jit(...).lower(...).compile()``; its compile time is printed separately). Seconds per
-NFE = seconds per batch / NFE, NFE being network forward passes per image (SPEC section 4).
+NFE = seconds per batch / NFE, NFE being network forward passes per image.
 
 FLOPs are counted, not estimated from wall time: XLA's ``cost_analysis()`` of the two
 networks as compiled (the transformer at batch 1, the head per token row), multiplied by the
@@ -36,27 +36,25 @@ next step's transformer starts.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import io_callback  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
 
-from emigm_jax import sampling  # noqa: E402
-from emigm_jax.diffusion import dpm_solver  # noqa: E402
-from emigm_jax.models import (build_model, dummy_inputs, param_count, random_params,  # noqa: E402
+from emigm_jax import sampling
+from emigm_jax.diffusion import dpm_solver
+from emigm_jax.config_files import load_config
+from emigm_jax.models import (build_model, dummy_inputs, param_count, random_params,
                               seq_len, token_dim)
 
 
 def small_config():
-    c = importlib.import_module("configs.base").get_config()
+    c = load_config("base")
     m = c.model
     m.width, m.enc_depth, m.dec_depth, m.num_heads = 256, 4, 4, 4
     m.head_depth, m.head_width = 3, 256
@@ -72,7 +70,7 @@ def case_config(name: str):
         c.sample.update(dict(num_iter=64, solver_steps=14, cfg_t_min=0.25, cfg_t_max=0.5))
         return c
     if name == "xs":
-        return importlib.import_module("configs.emigm_xs_256").get_config()
+        return load_config("emigm_xs_256")
     raise ValueError(f"unknown case {name!r}; expected small16, small64 or xs")
 
 

@@ -26,31 +26,21 @@ step is printed next to the formula as a cross-check.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emigm_jax import sharding as shd
+from emigm_jax import train
+from emigm_jax.config_files import load_config
+from emigm_jax.models import init_params, param_count, seq_len, token_dim
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from emigm_jax import sharding as shd  # noqa: E402
-from emigm_jax import train  # noqa: E402
-from emigm_jax.models import init_params, param_count, seq_len, token_dim  # noqa: E402
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:

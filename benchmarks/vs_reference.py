@@ -25,15 +25,12 @@ would not be the executed work). Training FLOPs are 3x the forward count (backwa
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def parse_args():
@@ -59,7 +56,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.train_step import load_config, measured_peak_flops  # noqa: E402
+from train_step import measured_peak_flops  # noqa: E402  (this folder, run as a script)
+from emigm_jax.config_files import load_config  # noqa: E402
 from emigm_jax import sampling, train  # noqa: E402
 from emigm_jax import sharding as shd  # noqa: E402
 from emigm_jax.buckets import count_ladder, rung_index  # noqa: E402

@@ -45,11 +45,8 @@ def build_model(config) -> MaskedGenerator:
         vocab_size=m.vocab_size, encoder_capacity=m.encoder_capacity,
         encoder_ladder=encoder_ladder(config),
         single_reference_semantics=m.single_reference_semantics,
-        block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
-        post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
-        head_mlp=m.get("head_mlp", True), time_cond=m.get("time_cond", "none"),
-        remat=m.remat,
-        dtype=DTYPES[m.dtype])
+        block=m.block, qk_norm=m.qk_norm, post_norm=m.post_norm, pos_emb=m.pos_emb,
+        head_mlp=m.head_mlp, time_cond=m.time_cond, remat=m.remat, dtype=DTYPES[m.dtype])
 
 
 def dummy_inputs(config, batch: int = 1):
@@ -102,7 +99,7 @@ def param_count(config) -> int:
 
 
 def weight_decay_mask(params):
-    """True where AdamW decays: >= 2-D parameters outside the diffusion head (SPEC section 3).
+    """True where AdamW decays: >= 2-D parameters outside the diffusion head (eMIGM paper, App. D).
 
     Mirrors the reference's rule (no decay on 1-D params, biases, norms, or anything under
     ``diffloss``); embeddings, position embeddings and the mask token are >= 2-D and decay.

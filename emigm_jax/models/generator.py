@@ -24,13 +24,9 @@ from emigm_jax.models.diffusion_head import SimpleMLPAdaLN, TimestepEmbedder
 from emigm_jax.models.mae import MaskedTransformer, embed_init
 
 
-class DiffLoss(nn.Module):
-    """Holds the head network under ``diffloss/net`` (the reference's module path)."""
-
-    in_channels: int
-    width: int
-    depth: int
-    dtype: Any = jnp.float32
+class DiffLoss(SimpleMLPAdaLN):
+    """Holds the head network under ``diffloss/net`` (the reference's module path); same
+    fields as the network it holds."""
 
     @nn.compact
     def __call__(self, x, t, z):

@@ -14,6 +14,7 @@ count runs, so a 1-3 token reveal costs 1-4 rows per sample, not ``chunk``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -53,38 +54,31 @@ def make_head_draw(sample_cfg, model, c: int, chunk: int,
                     ddpm_process=ddpm_process)
 
 
-def guided_head(hd: HeadDraw, params, zc, zu, w):
-    """(x [M, C], t [M]) -> head output [M, 2C]; with ``zu`` the eps half is guided.
-
-    The conditional and unconditional rows share x (the same noise): eps = eps_u + w (eps_c
-    - eps_u), the learned-variance half stays conditional.
-    """
-    c = hd.c
-
-    def out(x, t):
-        if zu is None:
-            return hd.model.apply({"params": params}, x, t, zc, method="head")
-        both = hd.model.apply({"params": params}, jnp.concatenate([x, x]),
-                              jnp.concatenate([t, t]), jnp.concatenate([zc, zu]), method="head")
-        oc, ou = jnp.split(both, 2)
-        eps = ou[:, :c] + w * (oc[:, :c] - ou[:, :c])
-        return jnp.concatenate([eps, oc[:, c:]], axis=1)
-
-    return out
-
-
 def draw_at(hd: HeadDraw, params, z_c, z_u, w, noise, rng, guided: bool, idx):
-    """Draws the tokens at idx [B, cap] from their noise [B, N, C] -> [B, cap, C]."""
+    """Draws the tokens at idx [B, cap] from their noise [B, N, C] -> [B, cap, C].
+
+    Guided: conditional and unconditional rows share x (the same noise) and
+    eps = eps_u + w (eps_c - eps_u); the learned-variance half stays conditional.
+    """
     b, cap = idx.shape
+    c = hd.c
     zc = gather_rows(z_c, idx).reshape(b * cap, -1)
     zu = gather_rows(z_u, idx).reshape(b * cap, -1) if guided else None
-    x_t = gather_rows(noise, idx).reshape(b * cap, hd.c)
-    head = guided_head(hd, params, zc, zu, w)
+    x_t = gather_rows(noise, idx).reshape(b * cap, c)
+    apply = functools.partial(hd.model.apply, {"params": params}, method="head")
+
+    def head(x, t):  # [M, C], [M] -> [M, 2C]
+        if not guided:
+            return apply(x, t, zc)
+        oc, ou = jnp.split(apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                                 jnp.concatenate([zc, zu])), 2)
+        return jnp.concatenate([ou[:, :c] + w * (oc[:, :c] - ou[:, :c]), oc[:, c:]], axis=1)
+
     if hd.head_sampler == "dpm_solver":
-        x0 = dpm_solver.run_plan(lambda x, t: head(x, t)[:, :hd.c], x_t, hd.solver_plan)
+        x0 = dpm_solver.run_plan(lambda x, t: head(x, t)[:, :c], x_t, hd.solver_plan)
     else:
         x0 = ddpm_lib.ddpm_sample(head, x_t, rng, hd.ddpm_process, hd.temperature)
-    return x0.reshape(b, cap, hd.c)
+    return x0.reshape(b, cap, c)
 
 
 def chunked_draw(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, guided: bool,
