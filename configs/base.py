@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
         time_cond="none",           # none (no time input, eMIGM/ITM) | explicit (DI's ETM)
         dtype="float32",            # compute dtype: float32 | bfloat16 (params stay fp32)
         remat=False,
+        scan_layers=False,          # nn.scan over identical blocks (stacked layer axis)
     ))
 
     # Masking / forward process (SPEC section 1, reference-code variant as default).

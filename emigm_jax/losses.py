@@ -20,6 +20,7 @@ from emigm_jax.masking import sample_mask
 from emigm_jax.models import build_model
 from emigm_jax.models.categorical_head import cross_entropy
 from emigm_jax.schedules import schedule_from_config
+from emigm_jax.sharding import constrain_rows, gather_weights
 
 
 @functools.lru_cache(maxsize=8)
@@ -39,10 +40,12 @@ def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: i
     """Per-token iDDPM hybrid loss averaged over ``batch_mul`` independent (t, noise) draws.
 
     x0: [B, N, C] targets, z: [B, N, D] conditions -> (loss, mse, vb), each [B, N].
+    Row r of the head's batch is token r // batch_mul (token-major repeat): each image's
+    rows stay next to each other, so with the batch split over devices they stay local.
     """
     b, n, c = x0.shape
-    x = jnp.tile(x0.reshape(b * n, c), (batch_mul, 1))  # [mul*B*N, C]
-    zz = jnp.tile(z.reshape(b * n, -1), (batch_mul, 1))
+    x = constrain_rows(jnp.repeat(x0.reshape(b * n, c), batch_mul, axis=0))  # [B*N*mul, C]
+    zz = constrain_rows(jnp.repeat(z.reshape(b * n, -1), batch_mul, axis=0))  # [B*N*mul, D]
     rng_t, rng_e = jax.random.split(rng)
     t = jax.random.randint(rng_t, (x.shape[0],), 0, num_steps)
     noise = jax.random.normal(rng_e, x.shape, jnp.float32)
@@ -51,7 +54,7 @@ def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: i
         return model.apply({"params": params}, x_t, t_in.astype(jnp.float32), zz, method="head")
 
     terms = train_diffusion(num_steps).training_losses(model_fn, x, t, noise)
-    return tuple(terms[k].reshape(batch_mul, b, n).mean(axis=0) for k in ("loss", "mse", "vb"))
+    return tuple(terms[k].reshape(b, n, batch_mul).mean(axis=-1) for k in ("loss", "mse", "vb"))
 
 
 def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
@@ -60,6 +63,7 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
     Returns (loss scalar, metrics dict of scalars).
     """
     model = build_model(config)
+    params = gather_weights(params, skip_blocks=True)
     tokens, labels = batch["tokens"], batch["label"]
     b, n = tokens.shape[:2]
     rng_mask, rng_drop, rng_dropout, rng_head = jax.random.split(rng, 4)

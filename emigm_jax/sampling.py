@@ -86,6 +86,7 @@ from emigm_jax.diffusion import dpm_solver
 from emigm_jax.masking import row_ranks
 from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.schedules import MaskSchedule, schedule_from_config
+from emigm_jax.sharding import gather_weights
 
 CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")
 HEAD_CAPACITIES = ("auto", "full")
@@ -427,8 +428,8 @@ def _build_sampler(config, transformer_fn):
     if transformer_fn is None:
         def net(params, tokens, mask, labels, t):
             """The transformer; ``t`` [B] (the state's time) reaches only an ETM network."""
-            return model.apply({"params": params}, tokens, mask, labels, t=t,
-                               method="transformer")
+            return model.apply({"params": gather_weights(params, skip_blocks=True)}, tokens,
+                               mask, labels, t=t, method="transformer")
     else:
         def net(params, tokens, mask, labels, t):  # pylint: disable=unused-argument
             return transformer_fn(params, tokens, mask, labels)  # test stand-ins take no time
@@ -444,7 +445,8 @@ def _build_sampler(config, transformer_fn):
             ddpm_process = ddpm_lib.default_ddpm_diffusion(int(sc.ddpm_steps))
 
     def head_out(params, x, t, z):
-        return model.apply({"params": params}, x, t, z, method="head")
+        return model.apply({"params": gather_weights(params, skip_blocks=True)}, x, t, z,
+                           method="head")
 
     def sample_diffusion(params, z_c, z_u, w, noise, rng_ddpm, cap: int, guided: bool,
                          pred_idx):

@@ -405,8 +405,14 @@ def check_args_against_config(args: Mapping[str, Any], config) -> list[str]:
 # Shape checks and suggestions.
 
 def target_shapes(config) -> dict:
-    """``{'params': ShapeDtypeStruct tree}`` of the Flax model for ``config`` (no allocation)."""
-    return {"params": _param_shapes_cached(config.model.to_json(sort_keys=True))}
+    """``{'params': ShapeDtypeStruct tree}`` of the Flax model for ``config`` (no allocation).
+
+    Always the unrolled block layout (one ``block_{i}`` per official ``*_blocks.{i}``);
+    `convert_weights` stacks the result when ``model.scan_layers`` is on.
+    """
+    model = config.model.to_dict()
+    model["scan_layers"] = False
+    return {"params": _param_shapes_cached(json.dumps(model, sort_keys=True))}
 
 
 @functools.lru_cache(maxsize=16)
@@ -543,7 +549,8 @@ def convert_weights(sd: Mapping[str, Any], config, *, shapes=None) -> dict:
     cfg_mode = config.model.cfg_mode
     variables = convert_state_dict(prepare_state_dict(sd, cfg_mode), emigm_rules(cfg_mode),
                                    shapes, what="eMIGM checkpoint")
-    return variables["params"]
+    from emigm_jax.models.layout import to_layout  # pylint: disable=import-outside-toplevel
+    return to_layout(variables["params"], bool(config.model.get("scan_layers", False)))
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ def build_model(config) -> MaskedGenerator:
         block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
         post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
         head_mlp=m.get("head_mlp", True), time_cond=m.get("time_cond", "none"),
-        remat=m.remat,
+        remat=m.remat, scan_layers=m.get("scan_layers", False),
         dtype=DTYPES[m.dtype])
 
 
