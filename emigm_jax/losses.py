@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from emigm_jax.diffusion import gaussian
 from emigm_jax.masking import sample_mask
-from emigm_jax.models import build_model
+from emigm_jax.models import DTYPES, build_model
 from emigm_jax.models.categorical_head import cross_entropy
 from emigm_jax.schedules import schedule_from_config
 from emigm_jax.sharding import constrain_rows, gather_weights
@@ -63,7 +63,7 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
     Returns (loss scalar, metrics dict of scalars).
     """
     model = build_model(config)
-    params = gather_weights(params, skip_blocks=True)
+    params = gather_weights(params, skip_blocks=True, dtype=DTYPES[config.model.dtype])
     tokens, labels = batch["tokens"], batch["label"]
     b, n = tokens.shape[:2]
     rng_mask, rng_drop, rng_dropout, rng_head = jax.random.split(rng, 4)

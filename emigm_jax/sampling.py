@@ -428,7 +428,7 @@ def _build_sampler(config, transformer_fn):
     if transformer_fn is None:
         def net(params, tokens, mask, labels, t):
             """The transformer; ``t`` [B] (the state's time) reaches only an ETM network."""
-            return model.apply({"params": gather_weights(params, skip_blocks=True)}, tokens,
+            return model.apply({"params": gather_weights(params, True, model.dtype)}, tokens,
                                mask, labels, t=t, method="transformer")
     else:
         def net(params, tokens, mask, labels, t):  # pylint: disable=unused-argument
@@ -445,7 +445,7 @@ def _build_sampler(config, transformer_fn):
             ddpm_process = ddpm_lib.default_ddpm_diffusion(int(sc.ddpm_steps))
 
     def head_out(params, x, t, z):
-        return model.apply({"params": gather_weights(params, skip_blocks=True)}, x, t, z,
+        return model.apply({"params": gather_weights(params, True, model.dtype)}, x, t, z,
                            method="head")
 
     def sample_diffusion(params, z_c, z_u, w, noise, rng_ddpm, cap: int, guided: bool,

@@ -9,12 +9,14 @@ the largest dimension divisible by the fsdp size, else replicated.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -169,6 +171,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def with_mesh_context(fn, mesh: Mesh):
+    """``fn`` traced with ``mesh`` in context, so ``constrain_rows``/``gather_weights`` act."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def _batch_mesh_size() -> int:
     """Devices over the batch axes of the mesh in context (``jax.set_mesh``); 0 without one."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -208,19 +219,21 @@ def _gather_fwd(w):
 
 def _gather_bwd(_, g):
     # The cotangent is a partial sum over each device's rows: asking for it in the
-    # parameter's own fsdp layout makes XLA reduce-scatter it (not all-reduce + slice).
+    # parameter's own fsdp layout lets XLA reduce-scatter it instead of all-reducing it.
     return (jax.lax.with_sharding_constraint(g, _fsdp_spec(g.shape)),)
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def gather_weights(tree, skip_blocks: bool = False):
+def gather_weights(tree, skip_blocks: bool = False, dtype=None):
     """FSDP's weight all-gather at the point of use; its gradient is reduce-scattered.
 
     A transformer block applies it to its own weights (per layer inside a scan); callers of
     the model apply it to the full parameter tree with ``skip_blocks=True`` so that embeddings
     and heads are gathered once while the block stacks are left to gather layer by layer.
+    ``dtype``: matrices (>= 2-D) are cast to it before the gather (the compute dtype: layers
+    cast them anyway, and the gather then moves half the bytes in bfloat16).
     A no-op outside a mesh context with an fsdp axis > 1.
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -230,6 +243,8 @@ def gather_weights(tree, skip_blocks: bool = False):
     def one(path, w):
         if not getattr(w, "ndim", 0) or (skip_blocks and BLOCK_PATH.search(path_str(path) + "/")):
             return w
+        if dtype is not None and w.ndim >= 2 and jnp.issubdtype(w.dtype, jnp.floating):
+            w = w.astype(dtype)
         return _gather(w)
     return jax.tree_util.tree_map_with_path(one, tree)
 

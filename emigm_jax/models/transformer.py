@@ -17,6 +17,7 @@ positions then equal those of a transformer that never saw the dropped tokens.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -262,7 +263,8 @@ class BlockStack(nn.Module):
                  rope: Optional[jax.Array] = None):
         # x: [B, L, D]; key_mask: [B, L] bool or None; rope: [B, L, hd/2] or None
         block_cls = nn.remat(ViTBlock, static_argnums=(3,)) if self.remat else ViTBlock
-        block_cls = nn.map_variables(block_cls, "params", trans_in_fn=gather_weights,
+        block_cls = nn.map_variables(block_cls, "params",
+                                     trans_in_fn=functools.partial(gather_weights, dtype=self.dtype),
                                      init=self.is_initializing())
         args = (self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
                 self.dtype, self.kind, self.qk_norm, self.post_norm)
