@@ -144,28 +144,48 @@ def compile_point(config, target: Target, what: str = "train", hlo_path: str = "
 
 def largest_batch(config, target: Target, what: str = "train",
                   max_per_chip: int = 4096) -> tuple[int, int, list[Compiled]]:
-    """(largest per-chip batch that fits, the smallest that does not, the runs).
+    """(largest per-chip batch that fits, the next size up (which does not), the runs).
 
-    Doubles the per-chip batch until a compile fails to fit, then bisects; assumes memory
-    grows with the batch. The second value is 0 when even ``max_per_chip`` fits.
+    Memory grows about linearly with the batch, so two compiles give a line whose crossing
+    of the limit is the first guess; compiles at the guess and one above then move the
+    bracket until b fits and b + 1 does not (a few compiles instead of a bisection). The
+    second value is 0 when even ``max_per_chip`` fits.
     """
     n = target.num_devices
-    runs: list[Compiled] = []
+    mesh = shd.mesh_shape(config.mesh, n)
+    runs: dict[int, Compiled] = {}
 
-    def fits(per_chip: int) -> bool:
-        runs.append(compile_point(variant(config, _mesh_of(config, n), config.model.remat,
-                                          per_chip * n, what), target, what))
-        return runs[-1].fits
+    def run(per_chip: int) -> Compiled:
+        if per_chip not in runs:
+            runs[per_chip] = compile_point(
+                variant(config, mesh, config.model.remat, per_chip * n, what), target, what)
+        return runs[per_chip]
 
-    lo, hi = 0, 1
-    while hi <= max_per_chip and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi > max_per_chip:
-        return lo, 0, runs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, hi, runs
+    def guess() -> int:
+        pts = sorted((b, r.memory["total"]) for b, r in runs.items() if r.memory)
+        if len(pts) < 2:
+            return 2 * max(runs)
+        (b0, m0), (b1, m1) = pts[-2], pts[-1]
+        slope = max((m1 - m0) / (b1 - b0), 1.0)
+        return int((target.chip.hbm_bytes - m1) // slope) + b1
+
+    lo, hi = 0, 0  # largest known to fit, smallest known not to
+    b = max(1, int(config.train.batch_size if what == "train" else config.sample.batch_size)
+            // n)
+    for _ in range(32):
+        b = min(max(b, lo + 1), max_per_chip if not hi else hi - 1)
+        if run(b).fits:
+            lo = b
+        else:
+            hi = b
+        if (hi and hi == lo + 1) or lo == max_per_chip:
+            break
+        b = guess() if (not hi or lo) else max(1, b // 2)
+        if hi and b >= hi:
+            b = hi - 1
+        if b <= lo:
+            b = lo + 1
+    return lo, hi, [runs[k] for k in sorted(runs)]
 
 
 def _mesh_of(config, n: int) -> tuple[int, int]:
