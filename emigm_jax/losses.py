@@ -41,14 +41,18 @@ def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: i
 
     x0: [B, N, C] targets, z: [B, N, D] conditions -> (loss, mse, vb), each [B, N].
     Row r of the head's batch is token r // batch_mul (token-major repeat): each image's
-    rows stay next to each other, so with the batch split over devices they stay local.
+    rows stay next to each other, so with the batch split over devices they stay local. The
+    (t, noise) draws are those of the draw-major layout (all tokens once, then again), moved
+    to these rows, so the values do not depend on the layout.
     """
     b, n, c = x0.shape
-    x = constrain_rows(jnp.repeat(x0.reshape(b * n, c), batch_mul, axis=0))  # [B*N*mul, C]
-    zz = constrain_rows(jnp.repeat(z.reshape(b * n, -1), batch_mul, axis=0))  # [B*N*mul, D]
+    rows = b * n
+    x = constrain_rows(jnp.repeat(x0.reshape(rows, c), batch_mul, axis=0))  # [B*N*mul, C]
+    zz = constrain_rows(jnp.repeat(z.reshape(rows, -1), batch_mul, axis=0))  # [B*N*mul, D]
     rng_t, rng_e = jax.random.split(rng)
-    t = jax.random.randint(rng_t, (x.shape[0],), 0, num_steps)
-    noise = jax.random.normal(rng_e, x.shape, jnp.float32)
+    t = jax.random.randint(rng_t, (batch_mul, rows), 0, num_steps).T.reshape(-1)
+    noise = jax.random.normal(rng_e, (batch_mul, rows, c), jnp.float32)
+    noise = jnp.swapaxes(noise, 0, 1).reshape(rows * batch_mul, c)
 
     def model_fn(x_t, t_in):
         return model.apply({"params": params}, x_t, t_in.astype(jnp.float32), zz, method="head")

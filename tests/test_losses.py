@@ -73,8 +73,8 @@ def test_diffusion_loss_aggregation_equals_numpy(weight):
     loss, metrics = losses.loss_fn(params, batch, rng, c, train=False)
     draw, z, rng_head, model = _reference_parts(c, params, batch, rng)
     # the per-token head objective with batch_mul=2 independent (t, noise) draws
-    x = np.repeat(np.asarray(batch["tokens"]).reshape(64, 3), 2, axis=0)  # token-major rows
-    zz = jnp.repeat(z.reshape(64, -1), 2, axis=0)
+    x = np.tile(np.asarray(batch["tokens"]).reshape(64, 3), (2, 1))
+    zz = jnp.tile(z.reshape(64, -1), (2, 1))
     rng_t, rng_e = jax.random.split(rng_head)
     t = jax.random.randint(rng_t, (128,), 0, 1000)
     noise = jax.random.normal(rng_e, (128, 3))
@@ -82,7 +82,7 @@ def test_diffusion_loss_aggregation_equals_numpy(weight):
     terms = diff.training_losses(
         lambda xt, tt: model.apply({"params": params}, xt, tt.astype(jnp.float32), zz, method="head"),
         jnp.asarray(x), t, noise)
-    per_tok = np.asarray(terms["loss"], np.float64).reshape(4, 16, 2).mean(-1)
+    per_tok = np.asarray(terms["loss"], np.float64).reshape(2, 4, 16).mean(0)
     # check the mse term by hand too: eps target vs model eps
     ac = diff.alphas_cumprod[np.asarray(t)]
     x_t = np.sqrt(ac)[:, None] * x + np.sqrt(1 - ac)[:, None] * np.asarray(noise)
