@@ -67,10 +67,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--modes", default="scan,unrolled")
+    ap.add_argument("--mults", default="1,2", help="depth multipliers to compile")
     args = ap.parse_args()
     rows = []
     for mode in args.modes.split(","):
-        for mult in (1, 2):
+        for mult in [int(m) for m in args.mults.split(",")]:
             c = load_config(args.config)
             c.train.batch_size = args.batch
             c.model.scan_layers = mode == "scan"
@@ -81,7 +82,10 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             rows.append(r)
     for mode in args.modes.split(","):
-        one, two = [r for r in rows if r["mode"] == mode]
+        runs = [r for r in rows if r["mode"] == mode]
+        if len(runs) != 2:
+            continue
+        one, two = runs
         print(f"{mode}: compile 2x/1x depth = {two['compile_cpu_s'] / one['compile_cpu_s']:.2f} "
               f"(CPU s), {two['compile_wall_s'] / one['compile_wall_s']:.2f} (wall)")
 
