@@ -188,10 +188,6 @@ def largest_batch(config, target: Target, what: str = "train",
     return lo, hi, [runs[k] for k in sorted(runs)]
 
 
-def _mesh_of(config, n: int) -> tuple[int, int]:
-    return shd.mesh_shape(config.mesh, n)
-
-
 def factorisations(n: int) -> list[tuple[int, int]]:
     """Every (data, fsdp) with data * fsdp == n."""
     return [(n // f, f) for f in range(1, n + 1) if n % f == 0]
