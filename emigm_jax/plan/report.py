@@ -47,10 +47,10 @@ def weight_sizes(param_shapes: Any, fsdp: int) -> set[int]:
 
 
 def classify(c: Collective, weights: set[int]) -> str:
-    """'weight' (a parameter, layer slice or shard), 'small', or 'activation'."""
-    if c.payload_bytes <= SMALL_BYTES:
-        return "small"
-    return "weight" if all(e in weights for e in c.elements) else "activation"
+    """'weight' (a parameter, layer slice or shard), 'small' (<= 64 KiB), or 'activation'."""
+    if all(e in weights for e in c.elements):
+        return "weight"
+    return "small" if c.payload_bytes <= SMALL_BYTES else "activation"
 
 
 def collective_rows(run: Compiled, weights: set[int]) -> list[dict]:
