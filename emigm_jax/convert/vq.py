@@ -32,6 +32,7 @@ from flax import serialization
 
 from emigm_jax.convert.common import (Rule, convert_state_dict, flatten, load_state_dict,
                                       run_converter, select_entry, to_numpy)
+from emigm_jax.convert.torch_io import load_pth
 from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, vq_variable_shapes
 
 _NORMS = r"norm|norm1|norm2|norm_out"
@@ -105,7 +106,6 @@ def load_vq(path: str, cfg: VQConfig = VQ16, key: str | None = "model", *,
                                   what=f"converted VQ {path!r}")
     if path.endswith(".safetensors"):
         return convert_vq(load_state_dict(path), cfg)
-    from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
     return convert_vq({k: to_numpy(v) for k, v in select_entry(
         load_pth(path, trusted_pickle=trusted_pickle), key, path).items()}, cfg)
 

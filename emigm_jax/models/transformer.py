@@ -178,12 +178,8 @@ class Mlp(nn.Module):
         return h
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), no biases."""
-
-    hidden: int
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
+class SwiGLU(Mlp):
+    """w2(silu(w1 x) * w3 x), no biases; the fields of ``Mlp``."""
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
