@@ -228,13 +228,8 @@ def select_weights(ckpt: OfficialCheckpoint, weights: str = "ema") -> dict[str, 
 # Shape checks and suggestions.
 
 def target_shapes(config) -> dict:
-    """``{'params': ShapeDtypeStruct tree}`` of the Flax model for ``config`` (no allocation).
-
-    Always the unrolled block layout (one ``block_{i}`` per official ``*_blocks.{i}``);
-    `convert_weights` stacks the result when ``model.scan_layers`` is on.
-    """
-    model = config.model.to_dict()
-    model["scan_layers"] = False
+    """``{'params': ShapeDtypeStruct tree}`` of ``config``'s model, unrolled blocks (no allocation)."""
+    model = dict(config.model.to_dict(), scan_layers=False)  # convert_weights stacks if asked
     return {"params": _param_shapes_cached(json.dumps(model, sort_keys=True))}
 
 
