@@ -11,6 +11,14 @@ def _requirements() -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
+def _pinned(name: str) -> str:
+    """The version requirements.txt pins for ``name`` (one place for the jax version)."""
+    for req in _requirements():
+        if req.startswith(f"{name}=="):
+            return req.split("==", 1)[1]
+    raise ValueError(f"requirements.txt does not pin {name}")
+
+
 setup(
     name="emigm-jax",
     version="0.1.0",
@@ -23,6 +31,9 @@ setup(
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
         # PyTorch-side reading of official checkpoints and parity tests.
+        # TPU VMs (and compile-only TPU plans on any host): jax[tpu] at the tested jax version
+        # pulls the libtpu built for it (jax 0.10.2 -> libtpu 0.0.42.*).
+        "tpu": [f"jax[tpu]=={_pinned('jax')}"],
         "interop": ["torch==2.14.1", "torchvision==0.29.1", "safetensors==0.8.0",
                     "diffusers==0.42.1", "pytorch-fid==0.3.0"],
     },

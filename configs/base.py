@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
         time_cond="none",           # none (no time input, eMIGM/ITM) | explicit (DI's ETM)
         dtype="float32",            # compute dtype: float32 | bfloat16 (params stay fp32)
         remat=False,
+        scan_layers=False,          # nn.scan over identical blocks (stacked layer axis)
     ))
 
     # Masking / forward process (reference-code variant as default).
@@ -181,6 +182,18 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
+    # --mode=plan: compile-only plan for a target slice (emigm_jax.plan).
+    c.plan = ml_collections.ConfigDict(dict(
+        target="cpu:8",             # tpu:v4|v5p|v5e:<topology> (needs libtpu) | cpu:N
+        what="train",               # train | sample | both
+        meshes=(),                  # (data, fsdp) pairs to compare; () = every factorisation
+        remat=(False, True),        # model.remat settings to compare
+        search_batch=True,          # compile-only search for the largest per-chip batch
+        max_per_chip=1024,
+        sample_per_chip=256,        # sampler plan batch per chip (0: sample.batch_size)
+        hbm_gib=0.0,                # memory budget per device; 0: the chip's HBM (cpu:N: 16)
+        out_dir="plan",
+    ))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, keep_every=0,
                                                   async_save=True))
     return c

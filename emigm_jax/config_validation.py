@@ -33,6 +33,9 @@ CHOICES = {
     "sample.gumbel_anneal": ("linear", "none"),
     "sample.noise_reg": ("none", "abs_cos", "half_abs_cos"),
     "sample.z_sampling": ("none", "masked", "random", "recover"),
+    "plan.what": ("train", "sample", "both"),
+    "model.scan_layers": (False, True),
+    "model.remat": (False, True),
 }
 
 

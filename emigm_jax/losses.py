@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from emigm_jax.buckets import count_ladder, switch_on_count
 from emigm_jax.diffusion import gaussian
 from emigm_jax.masking import sample_mask
-from emigm_jax.models import build_model
+from emigm_jax.models import DTYPES, build_model
 from emigm_jax.models.categorical_head import cross_entropy
 from emigm_jax.models.mae import keep_first_order
 from emigm_jax.schedules import schedule_from_config
+from emigm_jax.sharding import constrain_rows, gather_weights
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,16 +59,20 @@ def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: i
 
     def rows_loss(x_r, z_r, t_r, noise_r):
         """x_r [B, R, C], z_r [B, R, D], t_r [mul, B, R], noise_r [mul, B, R, C] -> 3 x [B, R]."""
+        # Token-major rows (row i = token i // mul): with the batch split over devices each
+        # image's rows stay on its device; the (t, noise) of every (draw, token) is unchanged.
         r = x_r.shape[1]
-        zz = jnp.tile(z_r.reshape(b * r, -1), (batch_mul, 1))  # [mul*B*R, D]
+        zz = constrain_rows(jnp.repeat(z_r.reshape(b * r, -1), batch_mul, axis=0))  # [B*R*mul, D]
+        x_rows = constrain_rows(jnp.repeat(x_r.reshape(b * r, c), batch_mul, axis=0))
+        t_rows = jnp.moveaxis(t_r, 0, -1).reshape(-1)  # [B*R*mul]
+        noise_rows = jnp.moveaxis(noise_r, 0, 2).reshape(-1, c)  # [B*R*mul, C]
 
         def model_fn(x_t, t_in):
             return model.apply({"params": params}, x_t, t_in.astype(jnp.float32), zz,
                                method="head")
 
-        terms = process.training_losses(model_fn, jnp.tile(x_r.reshape(b * r, c), (batch_mul, 1)),
-                                        t_r.reshape(-1), noise_r.reshape(-1, c))
-        return tuple(terms[k].reshape(batch_mul, b, r).mean(axis=0) for k in ("loss", "mse", "vb"))
+        terms = process.training_losses(model_fn, x_rows, t_rows, noise_rows)
+        return tuple(terms[k].reshape(b, r, batch_mul).mean(axis=-1) for k in ("loss", "mse", "vb"))
 
     if mask is None or tuple(rungs) in ((), (n,)):
         return rows_loss(x0, z, t, noise)
@@ -94,6 +99,7 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
     Returns (loss scalar, metrics dict of scalars).
     """
     model = build_model(config)
+    params = gather_weights(params, skip_blocks=True, dtype=DTYPES[config.model.dtype])
     tokens, labels = batch["tokens"], batch["label"]
     b, n = tokens.shape[:2]
     rng_mask, rng_drop, rng_dropout, rng_head = jax.random.split(rng, 4)

@@ -9,6 +9,8 @@ Modes:
   sample    restore the newest checkpoint's EMA weights and sample (digits: + score).
   evaluate  digits: same as sample; other datasets: ``emigm_jax.evaluation.evaluate``.
   sweep     ``emigm_jax.evaluation.sweep`` (NFE-vs-FID table and plot).
+  plan      ``emigm_jax.plan``: compile-only plan for ``config.plan.target`` (a TPU slice via
+            libtpu, or cpu:N): memory, FLOPs, collectives, estimated step time, best mesh.
 
 Everything that can be checked without compiling is checked first (workdir, config fields,
 mesh vs devices, batch divisibility), so a bad command fails in seconds with a message that
@@ -41,7 +43,7 @@ from emigm_jax.evaluation.sweep import sweep
 from emigm_jax.models import param_shapes
 from emigm_jax.workdir import WorkdirError, total_train_seconds
 
-MODES = ("train", "sample", "evaluate", "sweep")
+MODES = ("train", "sample", "evaluate", "sweep", "plan")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file, e.g. configs/digits.py.",
@@ -275,6 +277,16 @@ def main(argv) -> None:
     except PreflightError as e:
         raise app.UsageError(str(e)) from e
 
+    if _MODE.value == "plan":  # compile-only: no devices of the target are needed here
+        from emigm_jax import plan  # pylint: disable=import-outside-toplevel
+        plan.set_cpu_devices(str(config.plan.target))
+        try:
+            validate_config(config)
+        except ConfigError as e:
+            raise app.UsageError(str(e)) from e
+        write_config(config, workdir, "plan")
+        plan.run_plan(config, workdir)
+        return
     local_ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
     shd.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                local_device_ids=local_ids, mode=_DISTRIBUTED.value)

@@ -9,12 +9,14 @@ the largest dimension divisible by the fsdp size, else replicated.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -25,6 +27,11 @@ BATCH_AXES = ("data", "fsdp")
 # tuple (entries None, 'fsdp', 'data' or a tuple of axes) or the string 'auto' (shape-based
 # default) or 'replicate'. The first matching rule wins; unmatched paths use 'auto'.
 Rule = tuple[str, Any]
+# Parameters of a scanned block stack (``model.scan_layers``) carry a leading layer axis; it is
+# never split (the scan slices it one layer at a time), the rules apply to the rest.
+STACKED_PATH = re.compile(r"_blocks/block/")
+# Transformer block stacks all-gather their weights per block (per layer inside a scan).
+BLOCK_PATH = re.compile(r"_blocks/block(_\d+)?/")
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
@@ -121,14 +128,18 @@ def partition_specs(tree, mesh: Mesh, rules: Iterable[Rule] = (), min_size: int 
     fsdp = mesh.shape["fsdp"]
 
     def spec_for(path, leaf):
-        shape = tuple(getattr(leaf, "shape", ()))
+        full_shape = tuple(getattr(leaf, "shape", ()))
         name = path_str(path)
+        stacked = bool(STACKED_PATH.search(name)) and len(full_shape) > 1
+        shape = full_shape[1:] if stacked else full_shape
         for pattern, value in compiled:
             if pattern.search(name):
                 spec = _as_spec(value, shape, fsdp, min_size, name)
                 break
         else:
             spec = default_spec(shape, fsdp, min_size=min_size)
+        if stacked:
+            spec, shape = P(None, *spec), full_shape
         for dim, axes in zip(shape, spec):
             size = int(np.prod([mesh.shape[a] for a in
                                 ((axes,) if isinstance(axes, str) else (axes or ()))]))
@@ -159,6 +170,84 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dim over every device of the mesh."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def with_mesh_context(fn, mesh: Mesh):
+    """``fn`` traced with ``mesh`` in context, so ``constrain_rows``/``gather_weights`` act."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def _batch_mesh_size() -> int:
+    """Devices over the batch axes of the mesh in context (``jax.set_mesh``); 0 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
+        return 0
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """Keeps ``x``'s leading (batch-row) dim split over (data, fsdp) inside a jitted step.
+
+    Why: with only the parameters sharded, GSPMD may keep each weight shard in place and move
+    the batch's activations to it instead (tensor-parallel style); pinning the rows at block
+    and head boundaries keeps every device on its own examples. A no-op outside a mesh
+    context (``jax.set_mesh``) or when the rows do not split evenly.
+    """
+    n = _batch_mesh_size()
+    if n <= 1 or not x.ndim or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+
+
+def _fsdp_spec(shape: Sequence[int]) -> P:
+    """The parameter layout of ``partition_specs``' shape default on the mesh in context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return default_spec(shape, int(mesh.shape["fsdp"]))
+
+
+@jax.custom_vjp
+def _gather(w: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(w, P())
+
+
+def _gather_fwd(w):
+    return _gather(w), None
+
+
+def _gather_bwd(_, g):
+    # The cotangent is a partial sum over each device's rows: asking for it in the
+    # parameter's own fsdp layout lets XLA reduce-scatter it instead of all-reducing it.
+    return (jax.lax.with_sharding_constraint(g, _fsdp_spec(g.shape)),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def gather_weights(tree, skip_blocks: bool = False, dtype=None):
+    """FSDP's weight all-gather at the point of use; its gradient is reduce-scattered.
+
+    A transformer block applies it to its own weights (per layer inside a scan); callers of
+    the model apply it to the full parameter tree with ``skip_blocks=True`` so that embeddings
+    and heads are gathered once while the block stacks are left to gather layer by layer.
+    ``dtype``: matrices (>= 2-D) are cast to it before the gather (the compute dtype: layers
+    cast them anyway, and the gather then moves half the bytes in bfloat16).
+    A no-op outside a mesh context with an fsdp axis > 1.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] <= 1:
+        return tree
+
+    def one(path, w):
+        if not getattr(w, "ndim", 0) or (skip_blocks and BLOCK_PATH.search(path_str(path) + "/")):
+            return w
+        if dtype is not None and w.ndim >= 2 and jnp.issubdtype(w.dtype, jnp.floating):
+            w = w.astype(dtype)
+        return _gather(w)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, name: str = "train.batch_size",

@@ -222,7 +222,7 @@ def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True, aux_shard
     in_sh = (state_sharding, shd.batch_sharding(mesh))
     if aux_sharding is not None:
         in_sh = in_sh + (aux_sharding,)
-    return jax.jit(step_fn, in_shardings=in_sh,
+    return jax.jit(shd.with_mesh_context(step_fn, mesh), in_shardings=in_sh,
                    out_shardings=(state_sharding, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 

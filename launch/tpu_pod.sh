@@ -46,8 +46,8 @@ if [[ "${SETUP:-0}" == "1" ]]; then
   if [[ -n "${REPO_URL:-}" ]]; then
     SETUP_CMD="[ -d $REPO_DIR ] || git clone $REPO_URL $REPO_DIR; "
   fi
-  SETUP_CMD+="cd $REPO_DIR && git pull --ff-only && $PYTHON -m pip install -q -e . "
-  SETUP_CMD+="'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html; "
+  # .[tpu] pins jax[tpu] to requirements.txt's jax version, which pins the matching libtpu.
+  SETUP_CMD+="cd $REPO_DIR && git pull --ff-only && $PYTHON -m pip install -q -e '.[tpu]'; "
 fi
 
 RUN_CMD="cd $REPO_DIR && $PYTHON -m emigm_jax.main --config=$(quote "$CONFIG")"

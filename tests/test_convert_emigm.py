@@ -347,10 +347,12 @@ def _parity(config, torch_model, batch, num_masked, seed=0):
     np.testing.assert_allclose(out[:, c:], out_ref[:, c:], atol=1e-4, rtol=1e-4)  # variance half
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_tiny_forward_parity(shared):
+@pytest.mark.parametrize("shared,scan", [(True, False), (False, False), (True, True)])
+def test_tiny_forward_parity(shared, scan):
     config = tiny_config()
     config.model.cfg_mode = "mask_token" if shared else "fake_class"
+    config.model.enc_depth = config.model.dec_depth = 2
+    config.model.scan_layers = scan  # scanned layout: stacked [depth, ...] block parameters
     torch_model = TorchEMIGM(config, shared=shared).randomize_(3).eval()
     _parity(config, torch_model, batch=4, num_masked=6)
 

@@ -31,6 +31,7 @@ LAYERS = {
     "emigm_jax.convert": 2, "emigm_jax.sampling": 2,
     "emigm_jax.evaluation": 3, "emigm_jax.train": 3, "emigm_jax.data.cache_latents": 3,
     "emigm_jax.data.latent_dataset": 3, "emigm_jax.data.step_encoder": 3,
+    "emigm_jax.plan": 3,
     "emigm_jax.main": 4, "emigm_jax.convert.__main__": 4,
 }
 

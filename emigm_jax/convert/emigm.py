@@ -228,8 +228,9 @@ def select_weights(ckpt: OfficialCheckpoint, weights: str = "ema") -> dict[str, 
 # Shape checks and suggestions.
 
 def target_shapes(config) -> dict:
-    """``{'params': ShapeDtypeStruct tree}`` of the Flax model for ``config`` (no allocation)."""
-    return {"params": _param_shapes_cached(config.model.to_json(sort_keys=True))}
+    """``{'params': ShapeDtypeStruct tree}`` of ``config``'s model, unrolled blocks (no allocation)."""
+    model = dict(config.model.to_dict(), scan_layers=False)  # convert_weights stacks if asked
+    return {"params": _param_shapes_cached(json.dumps(model, sort_keys=True))}
 
 
 @functools.lru_cache(maxsize=16)
@@ -334,7 +335,8 @@ def convert_weights(sd: Mapping[str, Any], config, *, shapes=None) -> dict:
     cfg_mode = config.model.cfg_mode
     variables = convert_state_dict(prepare_state_dict(sd, cfg_mode), emigm_rules(cfg_mode),
                                    shapes, what="eMIGM checkpoint")
-    return variables["params"]
+    from emigm_jax.models.layout import to_layout  # pylint: disable=import-outside-toplevel
+    return to_layout(variables["params"], bool(config.model.get("scan_layers", False)))
 
 
 @dataclasses.dataclass

@@ -46,7 +46,8 @@ def build_model(config) -> MaskedGenerator:
         encoder_ladder=encoder_ladder(config),
         single_reference_semantics=m.single_reference_semantics,
         block=m.block, qk_norm=m.qk_norm, post_norm=m.post_norm, pos_emb=m.pos_emb,
-        head_mlp=m.head_mlp, time_cond=m.time_cond, remat=m.remat, dtype=DTYPES[m.dtype])
+        head_mlp=m.head_mlp, time_cond=m.time_cond, remat=m.remat,
+        scan_layers=m.get("scan_layers", False), dtype=DTYPES[m.dtype])
 
 
 def dummy_inputs(config, batch: int = 1):

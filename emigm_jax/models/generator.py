@@ -64,6 +64,7 @@ class MaskedGenerator(nn.Module):
     head_mlp: bool = True
     time_cond: str = "none"  # none (implicit-time model, eMIGM) | explicit (DI's ETM)
     remat: bool = False
+    scan_layers: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -81,7 +82,8 @@ class MaskedGenerator(nn.Module):
             single_reference_semantics=self.single_reference_semantics,
             vocab_size=self.vocab_size if self.head_type == "categorical" else 0,
             block=self.block, qk_norm=self.qk_norm, post_norm=self.post_norm,
-            pos_emb=self.pos_emb, remat=self.remat, dtype=self.dtype)
+            pos_emb=self.pos_emb, remat=self.remat, scan_layers=self.scan_layers,
+            dtype=self.dtype)
         if self.time_cond == "explicit":
             self.time_embed = TimestepEmbedder(d, dtype=self.dtype, name="time_embed")
         if self.head_type == "diffusion":

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from emigm_jax.buckets import rung_index
+from emigm_jax.sharding import constrain_rows
 from emigm_jax.models.transformer import BlockStack, block_norm, dense, rope2d_angles
 
 embed_init = nn.initializers.normal(0.02)
@@ -66,6 +67,7 @@ class MaskedTransformer(nn.Module):
     post_norm: bool = False
     pos_emb: str = "learned"  # learned | rope2d
     remat: bool = False
+    scan_layers: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -84,7 +86,7 @@ class MaskedTransformer(nn.Module):
         stack = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                      attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
                      remat=self.remat, dtype=self.dtype, prefix="block", kind=self.block,
-                     qk_norm=self.qk_norm, post_norm=self.post_norm)
+                     qk_norm=self.qk_norm, post_norm=self.post_norm, scan=self.scan_layers)
         self.encoder_blocks = BlockStack(depth=self.enc_depth, **stack)
         self.encoder_norm = block_norm(self.block, "encoder_norm", self.dtype)
         if self.dec_depth > 0:
@@ -187,7 +189,7 @@ class MaskedTransformer(nn.Module):
 
     def _finish(self, x):
         """Drops the buffer tokens, adds the head's position embedding: [B, L, D] -> [B, N, D]."""
-        x = x[:, self.buffer_size:]
+        x = constrain_rows(x[:, self.buffer_size:])
         if self.pos_emb == "learned":
             x = x + self.diffusion_pos_embed_learned.astype(self.dtype)
         return x

@@ -17,11 +17,14 @@ positions then equal those of a transformer that never saw the dropped tokens.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from emigm_jax.sharding import constrain_rows, gather_weights
 
 LN_EPS = 1e-6
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -88,6 +91,33 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
         out += [a * c - b * s_, b * c + a * s_]
     return jnp.concatenate(out, axis=-1)
 
+def attention_probs(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+    """softmax(q k^T / sqrt(hd)) in float32, masked keys at -inf: [B, H, Lq, Lk].
+
+    Only for training with attention-probability dropout, which the fused kernel lacks.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                        preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    mask: Optional[jax.Array]) -> jax.Array:
+    """jax.nn.dot_product_attention: cuDNN's flash kernel for bf16/fp16 on GPU, XLA elsewhere.
+
+    q, k, v: [B, L, H, hd]; mask: [B, 1, 1, L] bool (True = key may be attended to) or None.
+    Falls back to XLA when cuDNN rejects the shapes (checked at trace time).
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection ([q | k | v], heads contiguous)."""
 
@@ -116,14 +146,14 @@ class Attention(nn.Module):
             k = block_norm(self.norm_kind, "k_norm", self.dtype)(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-        logits = logits.astype(jnp.float32)
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        if self.attn_dropout > 0:
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L]
+        if self.attn_dropout > 0 and not deterministic:
+            probs = attention_probs(q, k, mask).astype(self.dtype)
             probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, d)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            out = fused_attention(q, k, v, mask)
+        out = out.reshape(b, l, d)
         out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
             out = nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
@@ -201,19 +231,44 @@ class ViTBlock(nn.Module):
 
 
 class BlockStack(ViTBlock):
-    """``depth`` blocks with this module's ``ViTBlock`` fields, named ``{prefix}_{i}``;
-    optional rematerialisation per block."""
+    """``depth`` blocks with this module's ``ViTBlock`` fields; optional rematerialisation per
+    block and a scan over layers.
+
+    Unrolled (``scan=False``) the blocks are named ``{prefix}_{i}``. With ``scan=True`` one
+    block named ``{prefix}`` is applied ``depth`` times by ``nn.scan``: its parameters carry a
+    leading layer axis, and the traced program (hence compile time) no longer grows with depth.
+    ``emigm_jax.models.layout`` converts parameters between the two layouts. Inside a mesh
+    context each block all-gathers its own weights where it runs (FSDP; see
+    ``sharding.gather_weights``) and pins its output rows to the batch axes.
+    """
 
     depth: int = 1
     remat: bool = False
     prefix: str = "blocks"
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
                  rope: Optional[jax.Array] = None):
+        # x: [B, L, D]; key_mask: [B, L] bool or None; rope: [B, L, hd/2] or None
         block_cls = nn.remat(ViTBlock, static_argnums=(3,)) if self.remat else ViTBlock
-        for i in range(self.depth):
-            x = block_cls(self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
-                          self.dtype, self.kind, self.qk_norm, self.post_norm,
-                          name=f"{self.prefix}_{i}")(x, key_mask, deterministic, rope)
+        block_cls = nn.map_variables(block_cls, "params",
+                                     trans_in_fn=functools.partial(gather_weights, dtype=self.dtype),
+                                     init=self.is_initializing())
+        args = (self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
+                self.dtype, self.kind, self.qk_norm, self.post_norm)
+        x = constrain_rows(x)
+        if not self.scan:
+            for i in range(self.depth):
+                x = block_cls(*args, name=f"{self.prefix}_{i}")(x, key_mask, deterministic, rope)
+                x = constrain_rows(x)
+            return x
+
+        def body(block, carry, mask, angles):
+            return constrain_rows(block(carry, mask, deterministic, angles)), None
+
+        scanned = nn.scan(body, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
+        x, _ = scanned(block_cls(*args, name=self.prefix), x, key_mask, rope)
         return x

@@ -24,6 +24,7 @@ from emigm_jax.buckets import switch_on_count
 from emigm_jax.diffusion import ddpm as ddpm_lib
 from emigm_jax.diffusion import dpm_solver
 from emigm_jax.sampling.draws import gather_rows
+from emigm_jax.sharding import gather_weights
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,6 +66,7 @@ def draw_at(hd: HeadDraw, params, z_c, z_u, w, noise, rng, guided: bool, idx):
     zc = gather_rows(z_c, idx).reshape(b * cap, -1)
     zu = gather_rows(z_u, idx).reshape(b * cap, -1) if guided else None
     x_t = gather_rows(noise, idx).reshape(b * cap, c)
+    params = gather_weights(params, True, hd.model.dtype)  # FSDP: the head's weights
     apply = functools.partial(hd.model.apply, {"params": params}, method="head")
 
     def head(x, t):  # [M, C], [M] -> [M, 2C]

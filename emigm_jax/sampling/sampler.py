@@ -22,6 +22,7 @@ from emigm_jax.sampling import draws
 from emigm_jax.sampling.head_draw import HeadDraw, make_head_draw, revealed_values
 from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, Z_SCORE_PASSES, head_ladder,
                                      companion_options, make_plan, z_sampling_steps)
+from emigm_jax.sharding import gather_weights
 
 
 @flax.struct.dataclass
@@ -296,6 +297,7 @@ def run_sampler(spec: SamplerSpec, params, labels, rng):
 
 def model_net(model, params, tokens, mask, labels, t):
     """The transformer; ``t`` [B] (the state's time) reaches only an ETM network."""
+    params = gather_weights(params, True, model.dtype)  # FSDP: blocks gather per layer
     return model.apply({"params": params}, tokens, mask, labels, t=t, method="transformer")
 
 

@@ -1,0 +1,188 @@
+"""Collectives of a compiled (optimised, partitioned) HLO module, with counts and bytes.
+
+Each collective instruction is read from the module text with its result shapes, replica
+group size and the source op that caused it (``metadata op_name``, ``source_file:line``).
+Instructions inside a while-loop body (a ``lax.scan``, e.g. over layers) run once per trip:
+their count is multiplied by the loop's trip count (nested loops multiply): XLA's
+``known_trip_count`` where the module states it, else the integer bound the loop condition
+compares against (scans count from 0). TPU emits a reduce-scatter as a fusion
+``all-reduce-scatter`` (an all-reduce whose result each device slices in place): it is
+reported as a reduce-scatter, with the op name of the fusion that calls it.
+
+Per-chip traffic per execution, for a group of n devices and payload S bytes (the full
+buffer: all-gather's output, reduce-scatter's input, all-reduce's operand): all-gather and
+all-to-all (n-1)/n S, reduce-scatter (n-1)/n S, all-reduce 2 (n-1)/n S (reduce-scatter then
+all-gather), collective-permute S. These are ring/bucket algorithm volumes, a lower bound.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+               "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(KINDS) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_REF = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)="
+                  r"%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONST = re.compile(r"s32\[\]\S* constant\((\d+)\)")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_SOURCE = re.compile(r'source_file="([^"]*)"\s+source_line=(\d+)')
+
+
+@dataclasses.dataclass
+class Collective:
+    kind: str
+    shapes: list[tuple[str, tuple[int, ...]]]   # (dtype, dims) of the payload buffers
+    group: int                                  # devices per replica group
+    count: int                                  # executions per step (loop trips included)
+    op_name: str
+    source: str
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(DTYPE_BYTES.get(dt, 4) * _prod(dims) for dt, dims in self.shapes)
+
+    @property
+    def traffic_bytes(self) -> float:
+        """Bytes one chip sends per execution (see module doc)."""
+        n, s = max(self.group, 1), self.payload_bytes
+        if self.kind == "collective-permute":
+            return float(s)
+        factor = 2.0 if self.kind == "all-reduce" else 1.0
+        return factor * (n - 1) / n * s
+
+    @property
+    def elements(self) -> list[int]:
+        return [_prod(dims) for _, dims in self.shapes]
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(x) for x in dims.split(",") if x))
+            for dt, dims in _SHAPE.findall(text) if dt in DTYPE_BYTES]
+
+
+def _group_size(line: str) -> int:
+    m = _MESH_GROUPS.search(line)  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+    if m:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return int(np.prod([int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2))]))
+    m = _IOTA_GROUPS.search(line)
+    if m:
+        return int(m.group(2))
+    m = _LIST_GROUPS.search(line)
+    return len(m.group(1).split(",")) if m and m.group(1) else 1
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str]:
+    comps: dict[str, list[str]] = {}
+    entry, name = "", None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            m = _HEADER.match(line)
+            if m:
+                name = m.group(1)
+                comps[name] = []
+                if line.startswith("ENTRY"):
+                    entry = name
+                continue
+        if name is not None and line.startswith(" "):
+            comps[name].append(line)
+    return comps, entry
+
+
+def _loop_bound(cond_lines: list[str]) -> int:
+    """The integer a scan's loop condition compares its counter against (1 if unclear)."""
+    consts = [int(v) for line in cond_lines for v in _CONST.findall(line)]
+    return max(consts) if consts else 1
+
+
+def _multipliers(comps: dict[str, list[str]], entry: str,
+                 callers: dict[str, str]) -> dict[str, int]:
+    """Executions of each computation per run of the entry (trip counts multiply)."""
+    edges = collections.defaultdict(list)
+    for parent, lines in comps.items():
+        for line in lines:
+            refs = dict((k, c) for k, c in _REF.findall(line))
+            trip = _TRIP.search(line)
+            n = int(trip.group(1)) if trip else _loop_bound(comps.get(refs.get("condition"), []))
+            op = _OP_NAME.search(line)
+            for kind, child in refs.items():
+                edges[parent].append((child, n if kind == "body" else 1))
+                if op and child not in callers:
+                    callers[child] = op.group(1)
+            for group in _BRANCHES.findall(line):
+                for child in group.split(","):
+                    edges[parent].append((child.strip().lstrip("%"), 1))
+    order, seen = [], set()
+
+    def visit(c):  # post-order DFS; the call graph is a DAG
+        if c in seen:
+            return
+        seen.add(c)
+        for child, _ in edges.get(c, ()):
+            visit(child)
+        order.append(c)
+    visit(entry)
+    mult = collections.defaultdict(int, {entry: 1})
+    for c in reversed(order):
+        for child, factor in edges.get(c, ()):
+            mult[child] += mult[c] * factor
+    return mult
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective instruction reachable from the entry computation."""
+    comps, entry = _computations(hlo_text)
+    callers: dict[str, str] = {}
+    mult = _multipliers(comps, entry, callers)
+    out = []
+    for name, lines in comps.items():
+        if not mult.get(name):
+            continue
+        for line in lines:
+            m = _OP.search(line)
+            if not m:
+                continue
+            result, kind, start = m.group(1), m.group(2), m.group(3)
+            shapes = _shapes(result)
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                kind = "reduce-scatter"
+            if start and kind in ("all-gather", "collective-permute") and len(shapes) > 1:
+                shapes = shapes[len(shapes) // 2:]  # (operands..., outputs...)
+            if kind == "reduce-scatter":  # payload is the input: operands follow the '('
+                operands = line[m.end():].split("),")[0]
+                shapes = _shapes(operands) or shapes
+            op = _OP_NAME.search(line)
+            src = _SOURCE.search(line)
+            out.append(Collective(kind, shapes, _group_size(line), mult[name],
+                                  op.group(1) if op else callers.get(name, "?"),
+                                  f"{src.group(1)}:{src.group(2)}" if src else "?"))
+    return out
+
+
+def summarize(cols: list[Collective]) -> dict[str, dict[str, float]]:
+    """kind -> {'count': executions per step, 'bytes': per-chip traffic per step}."""
+    out = {k: {"count": 0, "bytes": 0.0} for k in KINDS}
+    for c in cols:
+        out[c.kind]["count"] += c.count
+        out[c.kind]["bytes"] += c.count * c.traffic_bytes
+    return out

@@ -1,0 +1,91 @@
+"""The compile-only plan entry point (--mode=plan) on a tiny config: a small TPU topology
+when libtpu is importable, else fake CPU devices. Checks the numbers the plan exists for:
+arguments == sharded state, FSDP collectives only (weights gathered, grads reduced), each
+collective named by its op, and a batch search that stops exactly at the memory limit."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+TARGET = "tpu:v5p:2x2x1" if HAS_LIBTPU else "cpu:4"
+
+CONFIG = '''
+from tests.conftest import tiny_config
+def get_config():
+    c = tiny_config()
+    c.model.enc_depth = c.model.dec_depth = 2
+    c.model.scan_layers = True
+    c.train.batch_size = 16
+    c.plan.target = "{target}"
+    c.plan.meshes = ((1, 4),)
+    c.plan.remat = (False,)
+    c.plan.max_per_chip = 64
+    c.plan.hbm_gib = {limit}
+    return c
+'''
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plan")
+    cfg = tmp / "tiny_plan.py"
+    cfg.write_text(CONFIG.format(target=TARGET, limit=0.005))
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--mode=plan",
+                           f"--config={cfg}", f"--workdir={tmp / 'run'}"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp / "run" / "plan" / "train"
+    return json.loads((out / "plan.json").read_text()), (out / "plan.md").read_text()
+
+
+def test_arguments_are_the_sharded_state(plan):
+    best = plan[0]["chosen"]
+    assert best["fits"] and best["mesh"] == {"data": 1, "fsdp": 4}
+    args, state = best["memory_bytes"]["argument"], best["state_bytes"]
+    assert abs(args - state) <= 0.05 * state, (args, state)
+
+
+def _dims(shapes: str) -> set[int]:
+    return {int(d) for group in re.findall(r"\[([\d, ]*)\]", shapes)
+            for d in group.split(",") if d.strip()}
+
+
+def test_only_weight_collectives_each_named(plan):
+    rows, md = plan[0]["chosen"]["collectives"], plan[1]
+    assert rows, "fsdp=4 must gather weights"
+    assert not [r for r in rows if r["class"] == "activation"]
+    # No collective moves batch rows: global batch B=16, tokens N=16, buffer 4, mul 2. The
+    # one exception is the class-embedding gradient's scatter (labels and [B, D/fsdp]
+    # rows, tiny), which the plan names by its op.
+    batch_dims = {16, 16 * 20, 16 * 16, 16 * 16 * 2}
+    moved = [r for r in rows if r["class"] != "weight" and _dims(r["shapes"]) & batch_dims
+             and "class_emb" not in r["op"]]
+    assert not moved, moved[:3]
+    for r in rows:
+        assert r["op"] != "?" and r["op"].split("/", 1)[-1][-110:] in md
+    kinds = {r["kind"] for r in rows if r["class"] == "weight"}
+    assert "all-gather" in kinds
+    # Gradients leave the step reduced onto their shards. TPU emits reduce-scatters; the
+    # CPU compiler has no reduce-scatter instruction and all-reduces the weight-shaped
+    # gradient, which each device then slices to its shard.
+    assert ("reduce-scatter" if HAS_LIBTPU else "all-reduce") in kinds
+    scan_layer = [r for r in rows if "while/body" in r["op"] and r["kind"] == "all-gather"]
+    assert scan_layer and all(r["count"] == 2 for r in scan_layer)  # once per layer
+
+
+def test_batch_search_stops_at_the_limit(plan):
+    search = plan[0]["batch_search"]
+    largest, nxt = search["largest"], search["next"]
+    assert largest >= 1 and nxt == largest + 1
+    tried = {p: (fits, total) for p, fits, total in search["tried"]}
+    limit = 0.005 * 2 ** 30
+    assert tried[largest][0] and 0 < tried[largest][1] <= limit
+    assert not tried[nxt][0] and tried[nxt][1] > limit
