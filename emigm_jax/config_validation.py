@@ -8,7 +8,7 @@ from __future__ import annotations
 from emigm_jax.schedules import SCHEDULE_ALIASES, SCHEDULE_NAMES, WEIGHT_NAMES
 
 CHOICES = {
-    "model.arch": ("mae", "single"),
+    "model.arch": ("mae", "single", "ar"),
     "model.head": ("diffusion", "categorical"),
     "model.cfg_mode": ("mask_token", "fake_class"),
     "model.dtype": ("float32", "bfloat16"),
@@ -95,8 +95,13 @@ def validate_config(config) -> None:
     _require(m.dec_depth >= 0 and int(m.dec_depth) == m.dec_depth, "model.dec_depth",
              m.dec_depth, "an integer >= 0")
     if m.dec_depth == 0:
-        _require(m.arch == "single", "model.dec_depth", m.dec_depth,
+        _require(m.arch != "mae", "model.dec_depth", m.dec_depth,
                  ">= 1 with model.arch='mae' (the decoder re-inserts the dropped tokens)")
+    if m.arch == "ar":
+        _require(m.head == "categorical", "model.head", m.head,
+                 "'categorical' with model.arch='ar' (next-token logits)")
+        _require(m.dec_depth == 0, "model.dec_depth", m.dec_depth,
+                 "0 with model.arch='ar' (one causal stack of model.enc_depth blocks)")
     if m.get("pos_emb", "learned") == "rope2d":
         _require((m.width // m.num_heads) % 4 == 0, "model.num_heads", m.num_heads,
                  "a head count whose head dimension is divisible by 4 (rope2d)")

@@ -178,9 +178,10 @@ def generate(params, labels, config, mesh, seed: int) -> tuple[Any, int]:
     import numpy as np  # pylint: disable=import-outside-toplevel
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-    from emigm_jax import sampling  # pylint: disable=import-outside-toplevel
+    from emigm_jax import ar_sampling, sampling  # pylint: disable=import-outside-toplevel
     from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
 
+    sample_fn = ar_sampling.sample if config.model.arch == "ar" else sampling.sample
     labels = np.asarray(labels, np.int32)
     n_dev = mesh.devices.size
     bs = int(config.sample.get("batch_size", 64))
@@ -192,7 +193,7 @@ def generate(params, labels, config, mesh, seed: int) -> tuple[Any, int]:
         pad = np.concatenate([chunk, np.zeros(bs - len(chunk), np.int32)])
         glabels = jax.make_array_from_callback(pad.shape, shd.batch_sharding(mesh),
                                                lambda idx, pad=pad: pad[idx])
-        tokens, info = sampling.sample(params, glabels, jax.random.fold_in(rng, start), config)
+        tokens, info = sample_fn(params, glabels, jax.random.fold_in(rng, start), config)
         if jax.process_count() > 1:
             tokens = multihost_utils.process_allgather(tokens, tiled=True)
         out.append(np.asarray(tokens)[:len(chunk)])

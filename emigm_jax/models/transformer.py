@@ -8,6 +8,10 @@ Options (config ``model.block``, ``model.qk_norm``, ``model.post_norm``, ``model
   * ``post_norm``: a norm on the outputs of the attention and MLP branches before the
     residual add (MaskGIL-XXL's stabiliser), on top of the pre-norms.
   * RoPE-2D (``rope`` angles passed in): layout documented in ``rope2d_angles``.
+  * ``causal`` (the autoregressive model): query i attends to keys 0..i. With a ``KVCache``
+    the block writes this call's keys/values at ``cache_index`` and attends over the cache,
+    so decoding one token costs one token's pass (the cache is an explicit input/output,
+    not hidden module state).
 
 The block mirrors timm's ``Block`` used by the reference code (fused qkv with bias, GELU MLP,
 attention-probability dropout and projection dropout, LayerNorm eps 1e-6) so that official
@@ -17,7 +21,7 @@ positions then equal those of a transformer that never saw the dropped tokens.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -88,6 +92,26 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
         out += [a * c - b * s_, b * c + a * s_]
     return jnp.concatenate(out, axis=-1)
 
+class KVCache(NamedTuple):
+    """One attention layer's keys and values for positions 0..L_max-1: [B, L_max, H, hd] each."""
+    k: jax.Array
+    v: jax.Array
+
+
+def allowed_keys(key_mask: Optional[jax.Array], causal: bool, num_queries: int,
+                 num_keys: int, offset=0) -> Optional[jax.Array]:
+    """Bool [B or 1, Lq, Lk] (True = may attend) or None when every key is allowed.
+
+    Query j sits at position offset + j; with ``causal`` it sees keys at positions <= its own.
+    """
+    allowed = None if key_mask is None else key_mask[:, None, :]
+    if causal:
+        q_pos = offset + jnp.arange(num_queries)[:, None]
+        tri = (jnp.arange(num_keys)[None, :] <= q_pos)[None]  # [1, Lq, Lk]
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection ([q | k | v], heads contiguous)."""
 
@@ -98,12 +122,16 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_kind: str = "vit"
     dtype: Any = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
-                 rope: Optional[jax.Array] = None):
+                 rope: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 cache_index=None):
         # x: [B, L, D]; key_mask: [B, L] bool, True = token may be attended to;
-        # rope: [B, L, hd/2] rotation angles or None.
+        # rope: [B, L, hd/2] rotation angles or None; cache: keys/values of earlier
+        # positions, x then holds positions cache_index..cache_index+L-1 (causal).
+        # Returns out [B, L, D], or (out, updated cache) when a cache is given.
         b, l, d = x.shape
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
@@ -116,10 +144,19 @@ class Attention(nn.Module):
             k = block_norm(self.norm_kind, "k_norm", self.dtype)(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        offset = 0
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
+                                                    cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
+                                                    cache_index, axis=1)
+            cache, offset = KVCache(k, v), cache_index
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
         logits = logits.astype(jnp.float32)
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        allowed = allowed_keys(key_mask, self.causal or cache is not None, l, k.shape[1],
+                               offset)
+        if allowed is not None:
+            logits = jnp.where(allowed[:, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if self.attn_dropout > 0:
             probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
@@ -127,7 +164,7 @@ class Attention(nn.Module):
         out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
             out = nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
-        return out
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -179,17 +216,21 @@ class ViTBlock(nn.Module):
     kind: str = "vit"
     qk_norm: bool = False
     post_norm: bool = False
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
-                 rope: Optional[jax.Array] = None):
-        # x: [B, L, D]
+                 rope: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 cache_index=None):
+        # x: [B, L, D]; with a cache returns (x, updated cache) (see Attention)
         d = x.shape[-1]
         llama = self.kind == "llama"
         h = block_norm(self.kind, "norm1", self.dtype)(x)
         h = Attention(self.num_heads, self.attn_dropout, self.proj_dropout, not llama,
-                      self.qk_norm, self.kind, self.dtype, name="attn")(
-                          h, key_mask, deterministic, rope)
+                      self.qk_norm, self.kind, self.dtype, self.causal, name="attn")(
+                          h, key_mask, deterministic, rope, cache, cache_index)
+        if cache is not None:
+            h, cache = h
         if self.post_norm:
             h = block_norm(self.kind, "post_norm1", self.dtype)(h)
         x = x + h
@@ -201,7 +242,7 @@ class ViTBlock(nn.Module):
                 h, deterministic)
         if self.post_norm:
             h = block_norm(self.kind, "post_norm2", self.dtype)(h)
-        return x + h
+        return x + h if cache is None else (x + h, cache)
 
 
 class BlockStack(nn.Module):
@@ -218,13 +259,22 @@ class BlockStack(nn.Module):
     kind: str = "vit"
     qk_norm: bool = False
     post_norm: bool = False
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
-                 rope: Optional[jax.Array] = None):
+                 rope: Optional[jax.Array] = None, caches: Optional[tuple] = None,
+                 cache_index=None):
+        """x [B, L, D] -> [B, L, D]; with ``caches`` (one KVCache per block) -> (x, caches)."""
         block_cls = nn.remat(ViTBlock, static_argnums=(3,)) if self.remat else ViTBlock
+        new_caches = []
         for i in range(self.depth):
-            x = block_cls(self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
-                          self.dtype, self.kind, self.qk_norm, self.post_norm,
-                          name=f"{self.prefix}_{i}")(x, key_mask, deterministic, rope)
-        return x
+            block = block_cls(self.num_heads, self.mlp_ratio, self.attn_dropout,
+                              self.proj_dropout, self.dtype, self.kind, self.qk_norm,
+                              self.post_norm, self.causal, name=f"{self.prefix}_{i}")
+            if caches is None:
+                x = block(x, key_mask, deterministic, rope)
+            else:
+                x, cache = block(x, key_mask, deterministic, rope, caches[i], cache_index)
+                new_caches.append(cache)
+        return x if caches is None else (x, tuple(new_caches))
