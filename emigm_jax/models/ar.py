@@ -87,13 +87,14 @@ class ARGenerator(nn.Module):
         return self.out(self.norm(x)).astype(jnp.float32)
 
     def __call__(self, tokens, labels, deterministic: bool = True):
-        """Teacher forcing: tokens [B, N] int, labels [B] -> logits [B, N, V] (float32).
+        """Teacher forcing: tokens [B, L] int (L <= N), labels [B] -> logits [B, L, V] (float32).
 
-        logits[:, i] is the prediction of tokens[:, i] from the class and tokens[:, :i].
+        logits[:, i] is the prediction of tokens[:, i] from the class and tokens[:, :i]
+        (a prefix L < N gives the first L predictions; the last input token is unused).
         """
-        if tokens.shape[1] != self.seq_len:
+        if not 1 <= tokens.shape[1] <= self.seq_len:
             raise ValueError(f"got {tokens.shape[1]} tokens per image, model expects "
-                             f"seq_len={self.seq_len}")
+                             f"1..seq_len={self.seq_len}")
         cond = self.class_condition(labels).astype(self.dtype)[:, None]  # [B, 1, D]
         x = jnp.concatenate([cond, self.token_emb(tokens[:, :-1])], axis=1)  # [B, N, D]
         x, rope = self._positions(x, 0)
