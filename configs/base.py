@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
         t_per="batch",              # batch (one t per batch, reference) | sample
         min_masked=2,
         loss_norm="masked",         # masked: mean over masked tokens (reference) | tokens: / N
+        coupling_ratio=0.0,         # DI conditional coupling: share of positions never masked
     ))
 
     # Optimisation (SPEC section 3).

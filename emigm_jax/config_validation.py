@@ -132,6 +132,8 @@ def validate_config(config) -> None:
     _require(0.0 <= k.p_eps < 1.0, "mask.p_eps", k.p_eps, "a value in [0, 1)")
     _require(1 <= k.min_masked <= side * side, "mask.min_masked", k.min_masked,
              f"an integer in [1, seq_len={side * side}]")
+    _require(0.0 <= k.get("coupling_ratio", 0.0) < 1.0, "mask.coupling_ratio",
+             k.get("coupling_ratio", 0.0), "a value in [0, 1)")
     for name in ("exp_rate", "pow_rho", "poly_p"):
         _require(k[name] > 0, f"mask.{name}", k[name], "a value > 0")
 
