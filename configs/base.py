@@ -148,6 +148,10 @@ def get_config() -> ml_collections.ConfigDict:
         argmax_from=-1,             # step from which tokens take the argmax; -1 = off
         z_sampling="none",          # none | masked | random | recover  (BAG Z-sampling)
         z_steps=-1,                 # zig-zag the first z_steps steps; -1 = all
+        z_cfg=0.0,                  # masked-Z scoring CFG scale (inversion); 0 = no guidance pass
+        mgt_solver="vanilla",       # vanilla | momentum2 (BAG's second-order momentum solver)
+        ar_prefix=0.0,              # MaskGIL: share of raster tokens from an AR model (0 = off)
+        ar_workdir="",              # that AR model's run directory (model.arch='ar')
     ))
     # Named overrides selectable with --sample_preset (SPEC section 4).
     c.sample_presets = ml_collections.ConfigDict(dict(

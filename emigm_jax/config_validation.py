@@ -31,6 +31,7 @@ CHOICES = {
     "sample.gumbel_anneal": ("linear", "none"),
     "sample.noise_reg": ("none", "abs_cos", "half_abs_cos"),
     "sample.z_sampling": ("none", "masked", "random", "recover"),
+    "sample.mgt_solver": ("vanilla", "momentum2"),
 }
 
 
@@ -166,3 +167,7 @@ def validate_config(config) -> None:
         _require(s.temperature > 0, "sample.temperature", s.temperature, "a value > 0")
         _require(0.0 < s.top_p <= 1.0, "sample.top_p", s.top_p, "a value in (0, 1]")
         _require(s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0 = off)")
+        share = s.get("ar_prefix", 0.0)
+        _require(0.0 <= share <= 1.0, "sample.ar_prefix", share, "a share in [0, 1] (0 = off)")
+        _require(s.get("z_cfg", 0.0) >= 0, "sample.z_cfg", s.get("z_cfg", 0.0),
+                 "a value >= 0 (0 = no guidance pass in the masked-Z scoring)")

@@ -1,0 +1,73 @@
+"""MaskGIL's AR-prefix sampling (``sample.ar_prefix``): an AR model writes the first share of
+the raster tokens, the masked model completes the rest (MaskGIL paper, Sec. 4.4, Table 5:
+steps = share x N AR + the masked sampler's steps).
+
+With share s the prefix is the first m = round(s N) raster positions, drawn by
+`emigm_jax.ar_sampling` from the AR checkpoint (``sample.ar_workdir``, with that run's own
+``sample`` settings); the masked sampler then starts from those m tokens committed and the
+other N - m masked, and its reveal counts scale to the N - m masked tokens. Both halves take
+the same ``rng`` (the AR sampler folds in its own stream tag), so share 0 is the masked
+sampler and share 1 the AR sampler, bit for bit. NFE = AR passes + masked passes, predicted
+by ``expected_prefix_nfe``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from emigm_jax import ar_sampling, sampling
+from emigm_jax.config_validation import ConfigError
+from emigm_jax.models import seq_len
+
+
+def prefix_length(config) -> int:
+    """m = round(sample.ar_prefix * N) raster tokens from the AR model."""
+    share = float(config.sample.get("ar_prefix", 0.0))
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"config.sample.ar_prefix={share!r} is invalid: expected a share in "
+                          f"[0, 1]")
+    return int(round(share * seq_len(config)))
+
+
+def check_pair(config, ar_config) -> None:
+    """The AR model must write the masked model's tokens: same grid and vocabulary."""
+    if ar_config.model.arch != "ar":
+        raise ConfigError(f"sample.ar_workdir holds a model.arch={ar_config.model.arch!r} run: "
+                          f"expected an 'ar' model")
+    for field in ("vocab_size", "image_size", "latent_stride", "patch_size", "num_classes"):
+        a, b = ar_config.model[field], config.model[field]
+        if a != b:
+            raise ConfigError(f"the AR model's model.{field}={a!r} differs from the masked "
+                              f"model's {b!r}: the prefix tokens would not fit")
+
+
+def expected_prefix_nfe(config, ar_config) -> int:
+    """Forward passes per image: the AR steps (x 2 with AR guidance) + the masked sampler's."""
+    m, n = prefix_length(config), seq_len(config)
+    masked = sampling.expected_nfe(config.sample) if m < n else 0
+    return ar_sampling.expected_ar_nfe(ar_config.sample, m) + masked
+
+
+def sample(params, labels: jax.Array, rng: jax.Array, config, *, ar_params, ar_config):
+    """(tokens [B, N] int32, info) with info['nfe'] = AR passes + masked passes."""
+    check_pair(config, ar_config)
+    m, n = prefix_length(config), seq_len(config)
+    if m == 0:
+        return sampling.sample(params, labels, rng, config)
+    prefix, ar_info = ar_sampling.sample(ar_params, labels, rng, ar_config, num_tokens=m)
+    if m == n:
+        return prefix, {"nfe": ar_info["nfe"], "ar_nfe": ar_info["nfe"]}
+    tokens, info = sampling.sample(params, labels, rng, config, prefix=prefix)
+    info = dict(info)
+    info["ar_nfe"] = ar_info["nfe"]
+    info["nfe"] = info["nfe"] + ar_info["nfe"]
+    return tokens, info
+
+
+def prefix_state(prefix: jax.Array, m: int):
+    """The masked sampler's starting point: (tokens [B, N], mask [B, N]) with the first m
+    raster positions committed to ``prefix`` and the others masked."""
+    n = prefix.shape[1]
+    committed = jnp.arange(n) < m
+    mask = jnp.broadcast_to(~committed, prefix.shape)
+    return jnp.where(committed, prefix, 0).astype(jnp.int32), mask
