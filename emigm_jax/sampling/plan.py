@@ -1,0 +1,219 @@
+"""The sampler's host-side plan: options, step grid, reveal probabilities and NFE accounting.
+
+Everything here depends only on the static config and is computed once in float64 numpy
+before tracing; the scan (``emigm_jax.sampling.sampler``) reads the results as constants.
+NFE = num_iter + number of guided steps (+ Z-sampling passes): ``step_nfe`` is the one
+source of that count, and the scan's own ``info['nfe']`` must agree with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from emigm_jax.config_validation import CHOICES, ConfigError
+from emigm_jax.schedules import MaskSchedule, schedule_from_config
+
+CFG_SCHEDULES = CHOICES["sample.cfg_schedule"]
+HEAD_CAPACITIES = ("auto", "full")
+DEFAULT_HEAD_CHUNK = 16
+
+
+def time_grid(sample_cfg) -> np.ndarray:
+    """t_0 = 1 > t_1 > ... > t_K = t_end, float64 [K + 1]."""
+    return np.linspace(1.0, float(sample_cfg.t_end), int(sample_cfg.num_iter) + 1)
+
+
+def guided_steps(sample_cfg) -> np.ndarray:
+    """bool [K]: steps that run the unconditional pass (cfg_t_min < s <= cfg_t_max)."""
+    s = time_grid(sample_cfg)[1:]
+    on = (s > sample_cfg.cfg_t_min) & (s <= sample_cfg.cfg_t_max)
+    if float(sample_cfg.cfg_scale) == 1.0:
+        on[:] = False
+    return on
+
+
+Z_SAMPLINGS = CHOICES["sample.z_sampling"]
+Z_SCORE_PASSES = {"none": 0, "masked": 1, "random": 0, "recover": 0}  # scoring passes / zigzag
+
+
+def z_sampling_steps(sample_cfg) -> int:
+    """How many steps (from the first) zig-zag: ``sample.z_steps``, -1 = all, 0 if off."""
+    mode = sample_cfg.get("z_sampling", "none")
+    if mode not in Z_SAMPLINGS:
+        raise ConfigError(f"config.sample.z_sampling={mode!r} is invalid: expected one of "
+                          f"{Z_SAMPLINGS}")
+    z = int(sample_cfg.get("z_steps", -1))
+    if z < -1:
+        raise ConfigError(f"config.sample.z_steps={z!r} is invalid: expected -1 (all steps) "
+                          "or an integer >= 0")
+    k = int(sample_cfg.num_iter)
+    return 0 if mode == "none" else (k if z == -1 else min(z, k))
+
+
+def step_nfe(sample_cfg) -> np.ndarray:
+    """int [K]: forward passes per image at each step (the one source of the NFE count).
+
+    A step costs 1 (+1 unconditional pass when guided). A Z-sampling step adds its
+    scoring pass (``masked`` only: ``Z_SCORE_PASSES``) and the redone step (1, +1 if guided).
+    """
+    guided = guided_steps(sample_cfg).astype(np.int64)
+    base = 1 + guided
+    zig = np.arange(int(sample_cfg.num_iter)) < z_sampling_steps(sample_cfg)
+    score = Z_SCORE_PASSES[sample_cfg.get("z_sampling", "none")]
+    return base + zig * (score + base)
+
+
+def expected_nfe(sample_cfg) -> int:
+    """Network forward passes per image: one per step plus one per guided step (plus the
+    Z-sampling passes, ``step_nfe``)."""
+    return int(step_nfe(sample_cfg).sum())
+
+
+REVEALS = CHOICES["sample.reveal"]
+CFG_SPACES = CHOICES["sample.cfg_space"]
+GUMBEL_ANNEALS = CHOICES["sample.gumbel_anneal"]
+NOISE_REGS = CHOICES["sample.noise_reg"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompanionOptions:
+    """The companion-paper switches of ``config.sample`` (DI, BAG, MaskGIL), resolved.
+
+    Read with ``sc.get(name, default)`` so a config saved before the switches existed still
+    loads: without them (or with the defaults) the sampler is the plain one, because each
+    switch is a Python branch on the static config, not a ``lax`` one.
+    """
+    reveal: str            # bernoulli | euler | count ('auto' resolved)
+    final_argmax: bool
+    cfg_space: str         # eps | logits | probs ('auto' resolved)
+    gumbel_anneal: str     # linear | none
+    noise_reg: str         # none | abs_cos | half_abs_cos
+    noise_reg_scale: float
+    diff_frac: float
+    argmax_from: int       # -1 = off
+    z_sampling: str        # none | masked | random | recover
+
+    @property
+    def noise_on(self) -> bool:
+        return self.noise_reg != "none" and self.noise_reg_scale != 0.0
+
+
+def companion_options(sample_cfg, categorical: bool = True) -> CompanionOptions:
+    """Reads and checks the switches; ConfigError names a bad value and what was expected.
+
+    ``reveal='auto'`` (the default) is today's rule: ``count`` for ``order='confidence'``
+    (MaskGIT), ``bernoulli`` for ``order='random'``; ``cfg_space='auto'`` is ``eps`` for the
+    diffusion head and ``logits`` for the categorical head.
+    """
+    sc = sample_cfg
+
+    def choice(name, default, allowed):
+        v = sc.get(name, default)
+        if v not in allowed:
+            raise ConfigError(f"config.sample.{name}={v!r} is invalid: expected one of {allowed}")
+        return v
+
+    reveal = choice("reveal", "auto", REVEALS)
+    if reveal == "auto":
+        reveal = "count" if sc.get("order", "random") == "confidence" else "bernoulli"
+    cfg_space = choice("cfg_space", "auto", CFG_SPACES)
+    if cfg_space == "auto":
+        cfg_space = "logits" if categorical else "eps"
+    if categorical and cfg_space == "eps":
+        raise ConfigError("config.sample.cfg_space='eps' is invalid for model.head="
+                          "'categorical': expected 'logits' or 'probs'")
+    if not categorical and cfg_space != "eps":
+        raise ConfigError(f"config.sample.cfg_space={cfg_space!r} is invalid for model.head="
+                          "'diffusion': expected 'eps'")
+    opts = CompanionOptions(
+        reveal=reveal, final_argmax=bool(sc.get("final_argmax", False)), cfg_space=cfg_space,
+        gumbel_anneal=choice("gumbel_anneal", "linear", GUMBEL_ANNEALS),
+        noise_reg=choice("noise_reg", "none", NOISE_REGS),
+        noise_reg_scale=float(sc.get("noise_reg_scale", 1.0)),
+        diff_frac=float(sc.get("diff_frac", 0.0)), argmax_from=int(sc.get("argmax_from", -1)),
+        z_sampling=choice("z_sampling", "none", Z_SAMPLINGS))
+    _check_ranges(opts, sc, categorical)
+    return opts
+
+
+def _check_ranges(opts: CompanionOptions, sc, categorical: bool) -> None:
+    """The numeric switches' ranges, and the switches that need token probabilities."""
+    z_sampling_steps(sc)  # checks z_steps
+    if not 0.0 <= opts.diff_frac <= 1.0:
+        raise ConfigError(f"config.sample.diff_frac={opts.diff_frac!r} is invalid: expected a "
+                          "value in [0, 1] (0 = off)")
+    if opts.noise_reg_scale < 0:
+        raise ConfigError(f"config.sample.noise_reg_scale={opts.noise_reg_scale!r} is invalid: "
+                          "expected a value >= 0")
+    if opts.argmax_from < -1:
+        raise ConfigError(f"config.sample.argmax_from={opts.argmax_from!r} is invalid: expected "
+                          "-1 (off) or a step index >= 0")
+    if not categorical:
+        for name, on in (("final_argmax", opts.final_argmax), ("noise_reg", opts.noise_on),
+                         ("diff_frac", opts.diff_frac > 0), ("argmax_from", opts.argmax_from >= 0),
+                         ("z_sampling", opts.z_sampling != "none")):
+            if on:
+                raise ConfigError(f"config.sample.{name}={sc.get(name)!r} needs token "
+                                  "probabilities: only available with model.head='categorical'")
+
+
+def reveal_probabilities(sample_cfg, schedule: MaskSchedule | None = None) -> np.ndarray:
+    """float64 [K]: per-token reveal probability of step a=t_k -> b=t_{k+1}; 1 at the last step.
+
+    ``bernoulli`` (eMIGM paper, Sec. 2): (gamma(a) - gamma(b)) / gamma(a). ``euler`` (DI
+    Alg. 1, first order): (a - b) gamma'(a) / gamma(a), clipped to [0, 1] (DI never clips; an infinite
+    gamma'(1), e.g. pow rho < 1, gives 1). Both feed the same batch-shared Binomial count
+    with at least one token per step. ``count`` does not use these numbers.
+    """
+    schedule = schedule or schedule_from_config(sample_cfg)
+    grid = time_grid(sample_cfg)
+    g = schedule.gamma(grid, np)
+    if sample_cfg.get("reveal", "auto") == "euler":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = (grid[:-1] - grid[1:]) * schedule.dgamma(grid[:-1], np) / g[:-1]
+        p = np.where(np.isnan(p), 1.0, p)
+    else:
+        p = 1.0 - g[1:] / g[:-1]
+    p[-1] = 1.0
+    return np.clip(p, 0.0, 1.0)
+
+
+def head_chunk(sample_cfg, n: int) -> int:
+    """Tokens per sample in one call of the diffusion head's solver.
+
+    Each step reveals ``count`` tokens; the head runs over them in ceil(count / chunk) calls
+    of a ``lax.fori_loop`` (the count is the same for the whole batch, so every device runs
+    the same number of calls), costing O(count rounded up to the chunk) as in the reference
+    instead of O(N). ``head_capacity='full'`` makes the chunk N: one call on every position
+    per step (simplest program, most work). Because each position's initial noise does not
+    depend on the chunking, the DPM-Solver path gives the same tokens for any chunk.
+    """
+    mode = sample_cfg.get("head_capacity", "auto")
+    if mode not in HEAD_CAPACITIES:
+        raise ConfigError(f"config.sample.head_capacity={mode!r} is invalid: expected one of "
+                          f"{HEAD_CAPACITIES}")
+    chunk = sample_cfg.get("head_chunk", DEFAULT_HEAD_CHUNK)
+    if not (int(chunk) == chunk and chunk >= 1):
+        raise ConfigError(f"config.sample.head_chunk={chunk!r} is invalid: expected an "
+                          "integer >= 1 (tokens per sample per head call)")
+    return n if mode == "full" else min(int(chunk), n)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    t: np.ndarray          # [K]
+    s: np.ndarray          # [K]
+    p_reveal: np.ndarray   # [K]
+    gamma_s: np.ndarray    # [K]
+    guided: np.ndarray     # [K] bool
+    chunk: int             # tokens per sample per head call
+
+
+def make_plan(sample_cfg, n: int) -> StepPlan:
+    """Everything the scan needs that depends only on the config (host float64)."""
+    schedule = schedule_from_config(sample_cfg)
+    grid = time_grid(sample_cfg)
+    return StepPlan(t=grid[:-1], s=grid[1:], p_reveal=reveal_probabilities(sample_cfg, schedule),
+                    gamma_s=schedule.gamma(grid[1:], np), guided=guided_steps(sample_cfg),
+                    chunk=head_chunk(sample_cfg, n))
