@@ -13,7 +13,6 @@ by ``expected_prefix_nfe``.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from emigm_jax import ar_sampling, sampling
 from emigm_jax.config_validation import ConfigError
@@ -22,11 +21,7 @@ from emigm_jax.models import seq_len
 
 def prefix_length(config) -> int:
     """m = round(sample.ar_prefix * N) raster tokens from the AR model."""
-    share = float(config.sample.get("ar_prefix", 0.0))
-    if not 0.0 <= share <= 1.0:
-        raise ConfigError(f"config.sample.ar_prefix={share!r} is invalid: expected a share in "
-                          f"[0, 1]")
-    return int(round(share * seq_len(config)))
+    return sampling.ar_prefix_length(config.sample, seq_len(config))
 
 
 def check_pair(config, ar_config) -> None:
@@ -62,12 +57,3 @@ def sample(params, labels: jax.Array, rng: jax.Array, config, *, ar_params, ar_c
     info["ar_nfe"] = ar_info["nfe"]
     info["nfe"] = info["nfe"] + ar_info["nfe"]
     return tokens, info
-
-
-def prefix_state(prefix: jax.Array, m: int):
-    """The masked sampler's starting point: (tokens [B, N], mask [B, N]) with the first m
-    raster positions committed to ``prefix`` and the others masked."""
-    n = prefix.shape[1]
-    committed = jnp.arange(n) < m
-    mask = jnp.broadcast_to(~committed, prefix.shape)
-    return jnp.where(committed, prefix, 0).astype(jnp.int32), mask

@@ -169,6 +169,37 @@ def check_overrides(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # The digits job: sample, score, write samples.npz / samples.png / metrics.json.
 
+def sample_function(config, mesh):
+    """``(params, labels, rng, config) -> (tokens, info)``: the masked sampler, the AR sampler
+    (``model.arch='ar'``), or MaskGIL's AR prefix + masked completion (``sample.ar_prefix``
+    > 0, with the AR run's EMA weights and config from ``sample.ar_workdir``)."""
+    import functools  # pylint: disable=import-outside-toplevel
+    from emigm_jax import ar_prefix, ar_sampling, sampling  # pylint: disable=import-outside-toplevel
+
+    if config.model.arch == "ar":
+        return ar_sampling.sample
+    if float(config.sample.get("ar_prefix", 0.0)) == 0.0:
+        return sampling.sample
+    ar_config, ar_params = load_ar_run(config.sample.get("ar_workdir", ""), mesh)
+    return functools.partial(ar_prefix.sample, ar_params=ar_params, ar_config=ar_config)
+
+
+def load_ar_run(workdir: str, mesh):
+    """(config, EMA params) of a trained ``model.arch='ar'`` run (its config.json)."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    if not workdir:
+        raise FileNotFoundError("config.sample.ar_prefix > 0 needs config.sample.ar_workdir: "
+                                "the run directory of a trained model.arch='ar' model")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.sample.ar_workdir={workdir!r} has no config.json: "
+                                f"train the AR model there first (configs/digits_ar.py)")
+    with open(path, encoding="utf-8") as f:
+        ar_config = ml_collections.ConfigDict(json.load(f))
+    _, params = restore_ema_params(ar_config, workdir, mesh)
+    return ar_config, params
+
+
 def generate(params, labels, config, mesh, seed: int) -> tuple[Any, int]:
     """Samples tokens for ``labels`` [K] in batches of ``sample.batch_size`` on the mesh.
 
@@ -178,10 +209,9 @@ def generate(params, labels, config, mesh, seed: int) -> tuple[Any, int]:
     import numpy as np  # pylint: disable=import-outside-toplevel
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-    from emigm_jax import ar_sampling, sampling  # pylint: disable=import-outside-toplevel
     from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
 
-    sample_fn = ar_sampling.sample if config.model.arch == "ar" else sampling.sample
+    sample_fn = sample_function(config, mesh)
     labels = np.asarray(labels, np.int32)
     n_dev = mesh.devices.size
     bs = int(config.sample.get("batch_size", 64))
