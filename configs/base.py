@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_steps=-1,               # -1: epochs * steps_per_epoch
         grad_accum=1,
         label_smoothing=0.0,
-        max_nonfinite_steps=10,
+        max_nonfinite_steps=10,     # non-finite steps in a row that stop a run (0: the first)
         log_every=100,
         sample_every=0,
         progress=True,              # tqdm progress bar

@@ -6,6 +6,7 @@ readable message instead of as a shape error deep inside jit.
 from __future__ import annotations
 
 from emigm_jax.schedules import SCHEDULE_ALIASES, SCHEDULE_NAMES, WEIGHT_NAMES
+from emigm_jax.tokenizers.registry import TOKENIZER_NAMES
 
 CHOICES = {
     "model.arch": ("mae", "single", "ar"),
@@ -77,8 +78,49 @@ def _require(cond: bool, field: str, value, expected: str):
         raise ConfigError(f"config.{field}={value!r} is invalid: expected {expected}")
 
 
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and int(value) == value
+
+
+def _validate_run_fields(config) -> None:
+    """Counts and intervals of the training run, checkpoints and tokenizer choice."""
+    if "train" in config:
+        t = config.train
+        _require(_is_int(t.num_steps) and (t.num_steps == -1 or t.num_steps > 0),
+                 "train.num_steps", t.num_steps, "a positive integer, or -1 for train.epochs")
+        if t.num_steps == -1:
+            _require(t.epochs > 0, "train.epochs", t.epochs, "a value > 0 (train.num_steps=-1)")
+        _require(_is_int(t.log_every) and t.log_every >= 1, "train.log_every", t.log_every,
+                 "an integer >= 1")
+        _require(_is_int(t.sample_every) and t.sample_every >= 0, "train.sample_every",
+                 t.sample_every, "an integer >= 0 (0 = off)")
+        _require(_is_int(t.max_nonfinite_steps) and t.max_nonfinite_steps >= 0,
+                 "train.max_nonfinite_steps", t.max_nonfinite_steps,
+                 "an integer >= 0 (0 = stop at the first non-finite step)")
+    if "optim" in config:
+        o = config.optim
+        _require(_is_int(o.warmup_steps) and o.warmup_steps >= -1, "optim.warmup_steps",
+                 o.warmup_steps, "an integer >= 0, or -1 for optim.warmup_epochs")
+        _require(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "a value >= 0")
+    if "checkpoint" in config:
+        c = config.checkpoint
+        _require(_is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "an integer >= 1")
+        for name in ("every_steps", "keep_every"):
+            _require(_is_int(c[name]) and c[name] >= 0, f"checkpoint.{name}", c[name],
+                     "an integer >= 0 (0 = off)")
+    if "tokenizer" in config and "data" in config:
+        name = config.tokenizer.name
+        if config.data.source == "digits":
+            _require(name == "identity", "tokenizer.name", name,
+                     "'identity' with data.source='digits' (pixels are the tokens)")
+        else:
+            _require(name in TOKENIZER_NAMES, "tokenizer.name", name,
+                     f"one of {TOKENIZER_NAMES}")
+
+
 def validate_config(config) -> None:
     """Raises ConfigError naming the first bad field; returns None when the config is usable."""
+    _validate_run_fields(config)
     for field, allowed in CHOICES.items():
         section, name = field.split(".")
         if section not in config or name not in config[section]:

@@ -49,6 +49,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ("auto", "on", "off"),
     "auto: start jax.distributed when a TPU pod / Slurm / MPI job is detected; on: always "
     "(cluster auto-detection); off: never. Explicit coordinator flags always start it.")
+_ACCEPT_RECIPE = flags.DEFINE_bool(
+    "accept_changed_recipe", False, "Resume although train.batch_size or optim.* differ from "
+    "the workdir's config.json (the learning rate changes from that step on).")
+_FRESH_START = flags.DEFINE_bool(
+    "allow_fresh_start", False, "Train from step 0 although the workdir's checkpoints were all "
+    "found damaged (they stay in checkpoints_damaged/).")
 
 
 # Names used in COMPANION.md / the papers for a switch that exists here under another name.
@@ -60,6 +66,15 @@ FIELD_SYNONYMS = {
 
 class PreflightError(ValueError):
     """A problem with the command line found before anything is compiled."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's input or files: printed as one line, no traceback."""
+    from emigm_jax.checkpoint import CheckpointError, SaveInterrupted  # pylint: disable=import-outside-toplevel
+    from emigm_jax.config_validation import ConfigError  # pylint: disable=import-outside-toplevel
+    from emigm_jax.workdir import WorkdirError  # pylint: disable=import-outside-toplevel
+    return (ConfigError, PreflightError, CheckpointError, SaveInterrupted, WorkdirError,
+            FileNotFoundError, NotImplementedError, FloatingPointError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,29 +364,38 @@ def restore_ema_params(config, workdir: str, mesh):
     from emigm_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
     from emigm_jax.models import param_shapes  # pylint: disable=import-outside-toplevel
 
-    ckpt = Checkpointer.from_config(config, workdir)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"--mode needs a checkpoint, but {ckpt.directory} has none; "
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
+        raise FileNotFoundError(f"--mode needs a checkpoint, but {directory} has none; "
                                 f"train first (--mode=train)")
     shapes = param_shapes(config)
     shardings = shd.named_shardings(shapes, mesh, shd.rules_from_config(config))
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
-    step, params = ckpt.restore_params(abstract)
-    ckpt.close()
-    return step, params
+    ckpt = Checkpointer.from_config(config, workdir, read_only=True)
+    try:
+        restored = ckpt.restore_params(abstract)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory} can be restored (damaged steps "
+                                f"moved to {ckpt.damaged_directory}); train first")
+    return restored
 
 
 def run_mode(config, workdir: str, mode: str) -> dict:
     from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
     from emigm_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+    from emigm_jax.workdir import total_train_seconds  # pylint: disable=import-outside-toplevel
 
     digits = config.data.source == "digits"
     if mode == "train":
         mesh = shd.make_mesh(config.mesh)
         sample_fn = digits_sample_fn(config, mesh) if digits and \
             int(config.train.get("sample_every", 0)) > 0 else None
-        result = train_lib.train(config, workdir, sample_fn=sample_fn)
+        result = train_lib.train(config, workdir, sample_fn=sample_fn,
+                                 accept_recipe_change=_ACCEPT_RECIPE.value,
+                                 allow_fresh_start=_FRESH_START.value)
         logging.info("trained to step %d/%d in %.1fs", result.step, result.total_steps,
                      result.train_seconds)
         if result.preempted:
@@ -379,7 +403,7 @@ def run_mode(config, workdir: str, mode: str) -> dict:
                   f"command to resume", flush=True)
             return {"preempted": True, "step": result.step}
         if digits:
-            seconds = _total_train_seconds(workdir, result)
+            seconds = total_train_seconds(workdir)
             return digits_report(config, result.state.ema_params, workdir, result.mesh,
                                  train_steps=result.step, train_seconds=seconds)
         return {"step": result.step}
@@ -388,27 +412,10 @@ def run_mode(config, workdir: str, mode: str) -> dict:
     step, params = restore_ema_params(config, workdir, mesh)
     if digits and mode in ("sample", "evaluate"):
         return digits_report(config, params, workdir, mesh, train_steps=step,
-                             train_seconds=_total_train_seconds(workdir, None))
+                             train_seconds=total_train_seconds(workdir))
     if mode == "sample":
         mode = "evaluate"  # sampling to files is part of the evaluation job
     return _evaluation_entry(mode)(config, params, workdir, mesh)
-
-
-def _total_train_seconds(workdir: str, result) -> float:
-    """Training wall time summed over every (resumed) run, kept in workdir/train_time.json."""
-    path = os.path.join(workdir, "train_time.json")
-    runs = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            runs = json.load(f)
-    if result is not None:
-        import jax  # pylint: disable=import-outside-toplevel
-        runs.append({"start_step": result.start_step, "end_step": result.step,
-                     "seconds": result.train_seconds})
-        if jax.process_index() == 0:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(runs, f, indent=1)
-    return float(sum(r["seconds"] for r in runs))
 
 
 def write_config(config, workdir: str, mode: str = "train") -> None:
@@ -453,11 +460,19 @@ def main(argv) -> None:
         preflight(config, _MODE.value)
     except PreflightError as e:
         raise app.UsageError(str(e)) from e
-    write_config(config, workdir, _MODE.value)
+    import jax  # pylint: disable=import-outside-toplevel
+    from emigm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    lock = None
     try:
+        lock = workdir_lib.acquire_lock(workdir) if jax.process_index() == 0 else None
+        if _MODE.value != "train":  # training writes config.json once the resume is checked
+            write_config(config, workdir, _MODE.value)
         run_mode(config, workdir, _MODE.value)
-    except (FileNotFoundError, NotImplementedError) as e:
-        sys.exit(f"error: {e}")
+    except user_errors() as e:
+        sys.exit(f"error: {e}")  # one line: these name the file and field themselves
+    finally:
+        if lock is not None:
+            workdir_lib.release_lock(lock)
 
 
 def _parse_flags(argv: list[str]):

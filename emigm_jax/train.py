@@ -13,8 +13,8 @@ Design points:
   * Non-finite guard: a step whose loss or gradient norm is not finite leaves params, optimizer
     state and EMA unchanged (the step counter and data still advance). The longest streak of
     such steps is kept in the state; the loop stops with a clear error once it reaches
-    ``train.max_nonfinite_steps``. The streak is only read at log time, so the guard adds no
-    per-step host synchronisation.
+    ``train.max_nonfinite_steps`` (0: at the first non-finite step). The streak is only read
+    at log time, so the guard adds no per-step host synchronisation.
   * Gradient accumulation splits the global batch into ``train.grad_accum`` micro-batches
     (rows i::k, so every device keeps its own rows) and averages their gradients in a
     ``lax.scan``; each micro-batch draws its own masking time.
@@ -37,8 +37,12 @@ import numpy as np
 import optax
 
 from emigm_jax import sharding as shd
+from emigm_jax import workdir as workdir_lib
+from emigm_jax.checkpoint import Checkpointer, PreemptionWatcher
+from emigm_jax.data import pipeline
+from emigm_jax.data.step_encoder import IMAGE_SOURCES, PrepareFn, image_encoder
+from emigm_jax.workdir import MetricWriter  # noqa: F401  (public name kept here)
 
-IMAGE_SOURCES = ("folder", "tfds")  # pipelines that yield images, encoded in the step
 LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch, rng, config, train) -> (loss, metrics)
 
 
@@ -140,9 +144,6 @@ def _split_microbatches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-PrepareFn = Callable[[Any, Any, jax.Array], Any]  # (aux, batch, rng) -> batch with 'tokens'
-
-
 def make_train_step(config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     loss_fn: LossFn | None = None, prepare_batch: PrepareFn | None = None
                     ) -> Callable[..., tuple[TrainState, dict]]:
@@ -226,34 +227,6 @@ def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True, aux_shard
                    donate_argnums=(0,) if donate else ())
 
 
-def image_encoder(config, mesh) -> tuple[PrepareFn, Any]:
-    """(prepare_batch, tokenizer variables on the mesh) for image sources (folder, tfds).
-
-    Images are encoded to tokens inside the train step with the frozen tokenizer of
-    ``config.tokenizer`` (KL-16: a fresh posterior sample each step). Caching latents once
-    (``emigm_jax.data.cache_latents``, ``data.source='cached'``) is much cheaper for
-    multi-epoch training; this path is for quick runs and new datasets.
-    """
-    from emigm_jax.models import seq_len, token_dim  # pylint: disable=import-outside-toplevel
-    from emigm_jax.tokenizers.registry import tokenizer_from_config  # pylint: disable=import-outside-toplevel
-
-    tok, variables = tokenizer_from_config(config)
-    grid = tok.latent_shape(int(config.data.image_size))
-    n, c = grid[0] * grid[1], grid[2]
-    # a codebook tokenizer yields one id per position: only the token count must match
-    if n != seq_len(config) or (not tok.discrete and c != token_dim(config)):
-        raise ValueError(
-            f"tokenizer {tok.name} turns {config.data.image_size}px images into {n} tokens of "
-            f"{c} channels, but the model expects {seq_len(config)} x {token_dim(config)} "
-            f"(model.image_size/latent_stride/patch_size/latent_channels)")
-    variables = jax.device_put(variables, shd.replicated(mesh))
-
-    def prepare(aux, batch, rng):
-        return {"tokens": tok.images_to_tokens(aux, batch["image"], rng),
-                "label": batch["label"]}
-    return prepare, variables
-
-
 def create_sharded_state(config, mesh, optimizer, init_params_fn: Callable[[jax.Array], Any],
                          rules=(), initialize: bool = True
                          ) -> tuple[TrainState | None, TrainState, TrainState]:
@@ -278,48 +251,6 @@ def create_sharded_state(config, mesh, optimizer, init_params_fn: Callable[[jax.
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging.
-
-class MetricWriter:
-    """JSONL + TensorBoard scalars and images; a no-op on processes other than 0."""
-
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
-        self.enabled = enabled and jax.process_index() == 0
-        self._jsonl = None
-        self._tb = None
-        if self.enabled:
-            self._jsonl = open(os.path.join(workdir, "train_log.jsonl"), "a", encoding="utf-8")
-            try:
-                from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            except ImportError:  # pragma: no cover - tensorboardX is a requirement
-                logging.warning("tensorboardX missing: no TensorBoard events")
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(f"train/{k}", float(v), int(step))
-
-    def image(self, step: int, name: str, image: np.ndarray) -> None:
-        """image: [H, W] or [H, W, 3] uint8."""
-        if not (self.enabled and self._tb is not None):
-            return
-        img = image if image.ndim == 3 else image[..., None]
-        self._tb.add_image(name, img, int(step), dataformats="HWC")
-
-    def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
 
 @dataclasses.dataclass
@@ -341,8 +272,12 @@ def train(config, workdir: str | os.PathLike, *, loss_fn: LossFn | None = None,
           init_params_fn: Callable[[jax.Array], Any] | None = None,
           weight_decay_mask: Any = None, hooks: Sequence[Hook] = (),
           sample_fn: Callable[[TrainState, int], dict] | None = None,
-          handle_signals: bool = True, progress: bool | None = None) -> TrainResult:
-    """Trains ``config`` in ``workdir``, resuming from its newest checkpoint if there is one.
+          handle_signals: bool = True, progress: bool | None = None,
+          accept_recipe_change: bool = False, allow_fresh_start: bool = False) -> TrainResult:
+    """Trains ``config`` in ``workdir``, resuming from its newest intact checkpoint if any.
+
+    The workdir is locked for the run; a resume is first checked against the workdir's
+    config.json (``emigm_jax.workdir.check_resume``), which is written only once it proceeds.
 
     Args:
       loss_fn, init_params_fn, weight_decay_mask: default to the eMIGM model
@@ -352,62 +287,129 @@ def train(config, workdir: str | os.PathLike, *, loss_fn: LossFn | None = None,
         ``train.sample_every`` steps; the grid goes to samples/step_*.png and TensorBoard, the
         scalars (e.g. a sample quality score) to the metric logs as ``sample/<name>``.
       handle_signals: install the SIGTERM handler (checkpoint and stop at the next step).
+      accept_recipe_change: resume although batch size or optimizer fields changed.
+      allow_fresh_start: start from step 0 although every checkpoint was found damaged.
     """
-    from emigm_jax.checkpoint import Checkpointer, PreemptionWatcher  # pylint: disable=import-outside-toplevel
-    from emigm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-
     workdir = os.fspath(workdir)
-    if init_params_fn is None:
-        from emigm_jax.models import init_params  # pylint: disable=import-outside-toplevel
-        init_params_fn = functools.partial(init_params, config)
+    lock = workdir_lib.acquire_lock(workdir) if jax.process_index() == 0 else None
+    try:
+        run = _setup(config, workdir, loss_fn, init_params_fn, weight_decay_mask,
+                     accept_recipe_change, allow_fresh_start)
+        if progress is None:
+            progress = jax.process_index() == 0 and bool(config.train.get("progress", True))
+        return _loop(config, workdir, run, hooks, sample_fn, handle_signals, progress)
+    finally:
+        if lock is not None:
+            workdir_lib.release_lock(lock)
 
-    mesh = shd.make_mesh(config.mesh)
-    accum = int(config.train.get("grad_accum", 1))
-    shd.check_batch_size(int(config.train.batch_size), mesh, grad_accum=accum)
-    rules = shd.rules_from_config(config)
 
-    data_iter, num_examples = pipeline.make_train_iterator(config)
-    n_total = total_steps(config, num_examples)
-    schedule = lr_schedule(config, num_examples)
-    optimizer = make_optimizer(config, schedule, weight_decay_mask)
-    ckpt = Checkpointer.from_config(config, workdir)
-    resume = ckpt.latest_step() is not None
-    state, abstract, shardings = create_sharded_state(config, mesh, optimizer, init_params_fn,
-                                                      rules, initialize=not resume)
-    start = 0
-    if resume:
-        start, state = ckpt.restore(abstract, data_iter)
-        logging.info("resumed from step %d in %s", start, ckpt.directory)
-    prepare, aux = (None, None)
-    if config.data.source in IMAGE_SOURCES:
-        prepare, aux = image_encoder(config, mesh)
-    step_fn = jit_train_step(make_train_step(config, optimizer, schedule, loss_fn, prepare),
-                             shardings, mesh,
-                             aux_sharding=shd.replicated(mesh) if aux is not None else None)
-    extra = () if aux is None else (aux,)
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop needs, built (and the resume decided) by ``_setup``."""
+    mesh: Any
+    data_iter: Any
+    total_steps: int
+    step_fn: Callable[..., tuple[TrainState, dict]]
+    extra_args: tuple
+    ckpt: Checkpointer
+    state: TrainState
+    start: int
 
+
+def _setup(config, workdir: str, loss_fn, init_params_fn, weight_decay_mask,
+           accept_recipe_change: bool, allow_fresh_start: bool) -> _Run:
+    """Checks the resume contract, builds the pieces, restores or initialises the state."""
+    ckpt = Checkpointer.from_config(config, workdir)  # fails fast on an unwritable directory
+    try:
+        accepted = (workdir_lib.check_resume(config, workdir, accept_recipe_change)
+                    if ckpt.all_steps() else [])
+        if init_params_fn is None:
+            from emigm_jax.models import init_params  # pylint: disable=import-outside-toplevel
+            init_params_fn = functools.partial(init_params, config)
+        mesh = shd.make_mesh(config.mesh)
+        accum = int(config.train.get("grad_accum", 1))
+        shd.check_batch_size(int(config.train.batch_size), mesh, grad_accum=accum)
+        rules = shd.rules_from_config(config)
+        data_iter, num_examples = pipeline.make_train_iterator(config)
+        schedule = lr_schedule(config, num_examples)
+        optimizer = make_optimizer(config, schedule, weight_decay_mask)
+        _, abstract, shardings = create_sharded_state(config, mesh, optimizer, init_params_fn,
+                                                      rules, initialize=False)
+        restored = ckpt.restore(abstract, data_iter)
+        if restored is None:
+            ckpt.check_fresh_start(allow_fresh_start)
+            state = create_sharded_state(config, mesh, optimizer, init_params_fn, rules)[0]
+            restored = (0, state)
+        else:
+            logging.info("resumed from step %d in %s", restored[0], ckpt.directory)
+        prepare, aux = (None, None)
+        if config.data.source in IMAGE_SOURCES:
+            prepare, aux = image_encoder(config, mesh)
+        step_fn = jit_train_step(make_train_step(config, optimizer, schedule, loss_fn, prepare),
+                                 shardings, mesh,
+                                 aux_sharding=shd.replicated(mesh) if aux is not None else None)
+    except BaseException:
+        ckpt.close()
+        raise
+    if jax.process_index() == 0:
+        workdir_lib.write_record(config, workdir, accepted, restored[0])
+    return _Run(mesh=mesh, data_iter=data_iter, total_steps=total_steps(config, num_examples),
+                step_fn=step_fn, extra_args=() if aux is None else (aux,), ckpt=ckpt,
+                state=restored[1], start=restored[0])
+
+
+def nonfinite_limit_reached(max_streak: int, limit: int) -> bool:
+    """``train.max_nonfinite_steps``: stop once this many consecutive steps were non-finite;
+    0 means no tolerance (stop at the first one), never a stop on a healthy run."""
+    return max_streak >= max(int(limit), 1)
+
+
+def _log_metrics(pending: list[dict], state: TrainState, step: int, rate: float) -> dict:
+    """Means of the pending step metrics, plus throughput and the non-finite count."""
+    fetched = jax.device_get(pending)
+    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    last["steps_per_sec"] = rate
+    last["nonfinite_total"] = float(jax.device_get(state.nonfinite_total))
+    return last
+
+
+def _check_nonfinite(config, state: TrainState, step: int, ckpt: Checkpointer) -> None:
+    limit = int(config.train.get("max_nonfinite_steps", 10))
+    max_streak = int(jax.device_get(state.nonfinite_max_streak))
+    if nonfinite_limit_reached(max_streak, limit):
+        raise FloatingPointError(
+            f"loss or gradient norm was non-finite for {max_streak} consecutive steps (limit "
+            f"train.max_nonfinite_steps={limit}) by step {step}; updates were skipped. Lower "
+            f"optim.base_lr, check the data, or use model.dtype='float32'. Last checkpoint: "
+            f"{ckpt.latest_step()}")
+
+
+def _sample(sample_fn, state: TrainState, step: int, workdir: str, writer) -> None:
+    out = dict(sample_fn(state, step) or {})
+    grid = out.pop("image", None)
+    if jax.process_index() == 0 and grid is not None:
+        _write_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
+        writer.image(step, "samples", grid)
+    if out:
+        writer.scalars(step, {f"sample/{k}": v for k, v in out.items()})
+
+
+def _loop(config, workdir: str, run: _Run, hooks: Sequence[Hook], sample_fn,
+          handle_signals: bool, progress: bool) -> TrainResult:
+    ckpt, state, step, n_total = run.ckpt, run.state, run.start, run.total_steps
     watcher = PreemptionWatcher(ckpt, install=handle_signals)
-    writer = MetricWriter(workdir)
+    writer = workdir_lib.MetricWriter(workdir, resume_step=run.start)
     log_every = max(1, int(config.train.get("log_every", 100)))
     sample_every = int(config.train.get("sample_every", 0))
-    max_bad = int(config.train.get("max_nonfinite_steps", 10))
-    is_main = jax.process_index() == 0
-    if progress is None:
-        progress = is_main and bool(config.train.get("progress", True))
-
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=n_total, initial=start, disable=not progress, unit="step",
+    bar = tqdm(total=n_total, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, mininterval=1.0)
-    t0 = time.perf_counter()
-    t_log, step_log = t0, start
-    pending: list[dict] = []
-    last: dict = {}
-    preempted = False
-    step = start
+    clock = workdir_lib.SegmentClock(workdir, run.start)
+    t_log, step_log, pending, last, preempted = clock.t0, step, [], {}, False
     try:
         while step < n_total:
-            local = next(data_iter)
-            state, metrics = step_fn(state, shd.global_batch(local, mesh), *extra)
+            state, metrics = run.step_fn(state, shd.global_batch(next(run.data_iter), run.mesh),
+                                         *run.extra_args)
             step += 1
             pending.append(metrics)
             if len(pending) >= 2:
@@ -415,54 +417,36 @@ def train(config, workdir: str | os.PathLike, *, loss_fn: LossFn | None = None,
                 # but makes a stop request (SIGTERM) take effect within about one step time.
                 jax.block_until_ready(pending[-2]["loss"])
             bar.update(1)
-
             if step % log_every == 0 or step == n_total:
-                fetched = jax.device_get(pending)
-                pending = []
                 now = time.perf_counter()
-                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                last["steps_per_sec"] = (step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                max_streak = int(jax.device_get(state.nonfinite_max_streak))
-                last["nonfinite_total"] = float(jax.device_get(state.nonfinite_total))
+                rate = (step - step_log) / max(now - t_log, 1e-9)
+                last = _log_metrics(pending, state, step, rate)
+                pending, t_log, step_log = [], now, step
                 writer.scalars(step, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                refresh=False)
-                if max_streak >= max_bad:
-                    raise FloatingPointError(
-                        f"loss or gradient norm was non-finite for {max_streak} consecutive "
-                        f"steps (limit train.max_nonfinite_steps={max_bad}) by step {step}; "
-                        f"updates were skipped. Lower optim.base_lr, check the data, or use "
-                        f"model.dtype='float32'. Last checkpoint: {ckpt.latest_step()}")
-
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
+                _check_nonfinite(config, state, step, ckpt)
             if sample_fn is not None and sample_every > 0 and step % sample_every == 0:
-                out = dict(sample_fn(state, step) or {})
-                grid = out.pop("image", None)
-                if is_main and grid is not None:
-                    _write_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
-                    writer.image(step, "samples", grid)
-                if out:
-                    writer.scalars(step, {f"sample/{k}": v for k, v in out.items()})
-
-            stop = watcher.should_stop(step)
-            if stop or ckpt.should_save(step) or step == n_total:
-                ckpt.save(step, state, data_iter)
+                _sample(sample_fn, state, step, workdir, writer)
+            preempted = watcher.should_stop(step)
+            if preempted or ckpt.should_save(step) or step == n_total:
+                ckpt.save(step, state, run.data_iter)
+                clock.record(step)
             for hook in hooks:
                 hook(step, state, ckpt)
-            if stop:
-                preempted = True
+            if preempted:
                 logging.warning("stopping at step %d after a preemption notice; rerun the same "
                                 "command to resume", step)
                 break
         ckpt.wait()
     finally:
+        clock.record(ckpt.latest_step() or run.start)
         bar.close()
         writer.close()
         watcher.restore_handler()
         ckpt.close()
-    seconds = time.perf_counter() - t0
-    return TrainResult(state=state, mesh=mesh, step=step, total_steps=n_total, start_step=start,
-                       train_seconds=seconds, preempted=preempted, last_metrics=last)
+    return TrainResult(state=state, mesh=run.mesh, step=step, total_steps=n_total,
+                       start_step=run.start, train_seconds=clock.seconds(), preempted=preempted,
+                       last_metrics=last)
 
 
 def _write_png(path: str, image: np.ndarray) -> None:

@@ -50,7 +50,7 @@ def main(argv) -> None:
         converted = emigm.convert_checkpoint(_SRC.value, _CONFIG.value, weights=_WEIGHTS.value,
                                              trusted_pickle=_TRUSTED.value)
         directory = emigm.save_orbax(_WORKDIR.value, converted, step=_STEP.value)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     n = emigm.parameter_count(converted.params)

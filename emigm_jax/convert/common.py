@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -229,6 +230,16 @@ def unconvert_names(rules: Sequence[Rule], keys: Iterable[str]) -> dict[str, Pat
     return result
 
 
+def run_converter(main: Callable[[], None]) -> None:
+    """Runs a converter's ``main``; a bad file or argument ends with one ``error:`` line."""
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
 def select_entry(obj: Any, key: str | None, path: str) -> Mapping:
     """The sub-dict of a loaded checkpoint at ``key`` ("a/b" for nested keys; None: obj)."""
     if key:
@@ -259,19 +270,8 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
         obj: Any = load_file(path)
     elif path.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        try:
-            import torch  # pylint: disable=import-outside-toplevel
-        except ImportError as e:
-            raise ImportError(f"reading {path!r} needs PyTorch (pip install 'emigm-jax[interop]'); "
-                              "or convert it to .safetensors elsewhere") from e
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle.UnpicklingError and friends
-            if not trusted_pickle:
-                raise ValueError(
-                    f"{path!r} holds pickled Python objects besides tensors ({e}); pass "
-                    "trusted_pickle=True (--trusted_pickle) if you trust the file") from e
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+        from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
+        obj = load_pth(path, trusted_pickle=trusted_pickle)  # one-line errors, pickle policy
     else:
         raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .ckpt, "
                          ".pt, .pth or .bin")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import serialization, traverse_util
 
-from emigm_jax.convert.common import Rule, convert_state_dict, load_state_dict
+from emigm_jax.convert.common import Rule, convert_state_dict, load_state_dict, run_converter
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
 
 DCAE_RULES: tuple[Rule, ...] = (
@@ -123,4 +123,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_converter(main)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from emigm_jax.convert.common import (ConversionError, Rule, convert_state_dict,
-                                      load_state_dict)
+                                      load_state_dict, run_converter)
 from emigm_jax.evaluation.inception import FIDInceptionV3, variable_shapes
 
 RULES: tuple[Rule, ...] = (
@@ -120,4 +120,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_converter(main)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
 from typing import Any
 
 INTEROP_HINT = "install the interop extra: pip install -e '.[interop]'"
@@ -38,12 +40,16 @@ def load_pth(path: str | os.PathLike, *, trusted_pickle: bool = False) -> Any:
     """Loads a torch checkpoint on the CPU; see the module docstring for the pickle policy.
 
     Returns whatever was saved (usually a dict); tensors stay torch tensors.
-    Raises FileNotFoundError, ImportError (no torch), or ValueError when the file holds
-    pickled objects outside the allow-list and ``trusted_pickle`` is False.
+    Raises FileNotFoundError, ImportError (no torch), or ValueError (one line) when the file
+    is empty, truncated or corrupt, or holds pickled objects outside the allow-list and
+    ``trusted_pickle`` is False.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} is empty (0 bytes): not a PyTorch checkpoint; download or "
+                         f"save it again")
     torch = import_torch()
 
     def _load(**kw):
@@ -54,19 +60,42 @@ def load_pth(path: str | os.PathLike, *, trusted_pickle: bool = False) -> Any:
                 raise
             return torch.load(path, map_location="cpu", **kw)
 
-    if trusted_pickle:
-        return _load(weights_only=False)
     try:
+        if trusted_pickle:
+            return _load(weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return _load(weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends # pylint: disable=broad-except
-        if "Weights only load failed" not in str(e) and "Unsupported global" not in str(e):
+    except Exception as e:  # pylint: disable=broad-except
+        readable = readable_load_error(path, e)
+        if readable is None:
             raise
-        raise ValueError(
-            f"{path!r} pickles Python objects other than tensors and argparse.Namespace, so it "
-            f"cannot be read safely ({str(e).splitlines()[0][:200]}...). If you trust the file, "
-            f"pass trusted_pickle=True (CLI: --trusted_pickle), which uses "
-            f"torch.load(weights_only=False) and runs code from the file.") from e
+        raise readable from e
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CORRUPT_HINTS = ("PytorchStreamReader", "zip archive", "central directory", "truncated",
+                  "unexpected EOF", "Ran out of input")
+
+
+def readable_load_error(path: str, error: Exception) -> ValueError | None:
+    """One-line ValueError for a refused pickle or a damaged file; None for anything else."""
+    text = _ANSI.sub("", str(error))
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused or "Weights only load failed" in text:
+        what = (f"Unsupported global: GLOBAL {refused.group(1)}" if refused
+                else text.splitlines()[0][:200])
+        return ValueError(
+            f"{path!r} pickles a Python object outside the allow-list ({what}), so it cannot be "
+            f"read safely; if you trust the file, pass trusted_pickle=True (CLI: "
+            f"--trusted_pickle), which uses torch.load(weights_only=False) and runs code from "
+            f"the file")
+    if isinstance(error, (EOFError, pickle.UnpicklingError)) or any(
+            h in text for h in _CORRUPT_HINTS):
+        first = next((l.strip() for l in text.splitlines() if l.strip()), type(error).__name__)
+        return ValueError(
+            f"{path!r} ({os.path.getsize(path):,} bytes) is not a readable PyTorch checkpoint: "
+            f"truncated or corrupt ({first.split('. ')[0][:160]}); download or save it again")
+    return None
 
 
 def namespace_to_dict(args: Any) -> dict[str, Any] | None:

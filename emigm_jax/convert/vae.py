@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import serialization
 
-from emigm_jax.convert.common import Rule, convert_state_dict, load_state_dict
+from emigm_jax.convert.common import Rule, convert_state_dict, load_state_dict, run_converter
 from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
 
 KL16_RULES: tuple[Rule, ...] = (
@@ -84,4 +84,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_converter(main)

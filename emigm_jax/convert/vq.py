@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from flax import serialization
 
 from emigm_jax.convert.common import (Rule, convert_state_dict, flatten, load_state_dict,
-                                      select_entry, to_numpy)
+                                      run_converter, select_entry, to_numpy)
 from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, vq_variable_shapes
 
 _NORMS = r"norm|norm1|norm2|norm_out"
@@ -131,4 +131,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_converter(main)
