@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from emigm_jax import ar_sampling  # noqa: E402
+from emigm_jax.sampling import ar as ar_sampling  # noqa: E402
 from emigm_jax.models import build_model, param_count, random_params  # noqa: E402
 from emigm_jax.models.ar import init_cache  # noqa: E402
 

@@ -12,8 +12,6 @@ and flip per image). Prints one JSON line.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
 import jax
@@ -21,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from emigm_jax.tokenizers import build_tokenizer  # noqa: E402  pylint: disable=wrong-import-position
+from emigm_jax.tokenizers import build_tokenizer
 
 flags.DEFINE_enum("tokenizer", "kl16", ["kl16", "dcae_f32c32"], "tokenizer")
 flags.DEFINE_integer("image_size", 0, "0: 256 for kl16, 512 for dcae_f32c32")

@@ -10,22 +10,19 @@ diffusion_batch_mul=4), excluding compilation; tokens/s counts the N image token
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from emigm_jax.losses import loss_fn  # noqa: E402
-from emigm_jax.models import init_params, param_count, seq_len, token_dim  # noqa: E402
+from emigm_jax.losses import loss_fn
+from emigm_jax.config_files import load_config
+from emigm_jax.models import init_params, param_count, seq_len, token_dim
 
 
 def small_config():
-    c = importlib.import_module("configs.base").get_config()
+    c = load_config("base")
     m = c.model
     m.width, m.enc_depth, m.dec_depth, m.num_heads = 256, 4, 4, 4
     m.head_depth, m.head_width = 3, 256
@@ -42,7 +39,7 @@ def main():
     if args.config == "small":
         config = small_config()
     else:
-        config = importlib.import_module(f"configs.emigm_{args.config}_256").get_config()
+        config = load_config(f"emigm_{args.config}_256")
     config.model.dtype = args.dtype
     n, c = seq_len(config), token_dim(config)
     params = init_params(config, jax.random.key(0))

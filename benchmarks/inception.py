@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from emigm_jax.evaluation.inception import make_feature_fn, random_variables  # noqa: E402
+from emigm_jax.evaluation.inception import make_feature_fn, random_variables
 
 
 def main() -> None:

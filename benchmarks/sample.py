@@ -13,16 +13,17 @@ Cases (random weights; the numbers do not depend on the values):
 
 Timing excludes compilation (the program is compiled ahead of time with
 ``jax.jit(...).lower(...).compile()``; its compile time is printed separately). Seconds per
-NFE = seconds per batch / NFE, NFE being network forward passes per image (SPEC section 4).
+NFE = seconds per batch / NFE, NFE being network forward passes per image.
 
 FLOPs are counted, not estimated from wall time: XLA's ``cost_analysis()`` of the two
 networks as compiled (the transformer at batch 1, the head per token row), multiplied by the
 calls the run made: the transformer once per step at batch B (2B on CFG steps), the head
 ``solver evals x rows`` per step, rows = B x ceil(count / chunk) x chunk (x 2 on CFG steps)
-with the per-step counts the run returned. (A ``cost_analysis()`` of the whole sampler
-would count each ``lax.scan`` / loop body once.) The transformer count includes the work on
-masked slots that our static-shape MAE encoder carries (it runs on buffer + N slots every
-step, masked ones excluded from attention), so it is the work executed, not the minimum.
+with the per-step counts the run returned, chunk the smallest ``sampling.head_ladder`` rung
+holding the count. (A ``cost_analysis()`` of the whole sampler would count each
+``lax.scan`` / loop body once.) The transformer count is taken at full encoder capacity
+(buffer + N slots), an upper bound: the work-proportional encoder runs a smaller rung on
+most steps; ``benchmarks/vs_reference.py`` counts the rungs a run actually took.
 
 Peak: a 2048 x 2048 float32 matmul chain in the same process, measured at the start and right
 after each case's timed runs (on a shared CPU the available throughput drifts).
@@ -35,27 +36,25 @@ next step's transformer starts.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import io_callback  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
 
-from emigm_jax import sampling  # noqa: E402
-from emigm_jax.diffusion import dpm_solver  # noqa: E402
-from emigm_jax.models import (build_model, dummy_inputs, param_count, random_params,  # noqa: E402
+from emigm_jax import sampling
+from emigm_jax.diffusion import dpm_solver
+from emigm_jax.config_files import load_config
+from emigm_jax.models import (build_model, dummy_inputs, param_count, random_params,
                               seq_len, token_dim)
 
 
 def small_config():
-    c = importlib.import_module("configs.base").get_config()
+    c = load_config("base")
     m = c.model
     m.width, m.enc_depth, m.dec_depth, m.num_heads = 256, 4, 4, 4
     m.head_depth, m.head_width = 3, 256
@@ -71,7 +70,7 @@ def case_config(name: str):
         c.sample.update(dict(num_iter=64, solver_steps=14, cfg_t_min=0.25, cfg_t_max=0.5))
         return c
     if name == "xs":
-        return importlib.import_module("configs.emigm_xs_256").get_config()
+        return load_config("emigm_xs_256")
     raise ValueError(f"unknown case {name!r}; expected small16, small64 or xs")
 
 
@@ -91,6 +90,8 @@ def matmul_peak(n: int = 2048, chain: int = 10, repeats: int = 3) -> float:
 
 def flops_per_call(config, params):
     """(transformer FLOPs per image, head FLOPs per token row) from XLA's cost_analysis."""
+    config = config.copy_and_resolve_references()
+    config.model.encoder_buckets = ()  # full capacity: one branch, an upper bound
     model = build_model(config)
     tokens, mask, labels = dummy_inputs(config, 1)
     tr = jax.jit(lambda p, t, m, l: model.apply({"params": p}, t, m, l, method="transformer"))
@@ -106,10 +107,12 @@ def flops_per_call(config, params):
 def run_flops(config, batch: int, counts, t_flops: float, h_row: float) -> float:
     sc = config.sample
     guided = sampling.guided_steps(sc).astype(np.float64)
-    chunk = sampling.head_chunk(sc, seq_len(config))
+    ladder = np.asarray(sampling.head_ladder(sc, seq_len(config)))
+    counts = np.asarray(counts)
+    chunk = ladder[np.minimum(np.searchsorted(ladder, counts), len(ladder) - 1)]
     evals = dpm_solver.num_model_evals(int(sc.solver_steps), int(sc.solver_order),
                                        sc.solver_method)
-    rows = batch * np.ceil(np.asarray(counts) / chunk) * chunk * (1.0 + guided)
+    rows = batch * np.ceil(counts / chunk) * chunk * (1.0 + guided)
     return float(batch * (1.0 + guided).sum() * t_flops + evals * rows.sum() * h_row)
 
 

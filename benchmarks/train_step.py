@@ -10,8 +10,9 @@ eMIGM-XS-256, global batch 8, fp32, CPU.
     python benchmarks/train_step.py --config=configs/emigm_b_256.py --batch=256 \
         --dtype=bfloat16 --peak_tflops=989   # e.g. one H100 (dense bf16)
 
-FLOP count (model FLOPs, matmuls only, 2 per multiply-add; forward per image, x3 for
-forward + backward):
+FLOP count (model FLOPs at full capacity, matmuls only, 2 per multiply-add; forward per
+image, x3 for forward + backward; the work-proportional encoder and head loss execute less,
+``--no_buckets`` runs the full-capacity program these formulas describe):
   transformer block on T tokens of width D (MLP ratio r): 2*T*D^2*(4 + 2r) + 4*T^2*D
   encoder: enc_depth blocks on T_e = encoder_capacity (0 -> buffer + N) tokens
   decoder: dec_depth blocks on T_d = buffer + N tokens; z_proj 2*N*C*D; decoder_embed 2*T_e*D^2
@@ -25,31 +26,21 @@ step is printed next to the formula as a cross-check.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emigm_jax import sharding as shd
+from emigm_jax import train
+from emigm_jax.config_files import load_config
+from emigm_jax.models import init_params, param_count, seq_len, token_dim
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from emigm_jax import sharding as shd  # noqa: E402
-from emigm_jax import train  # noqa: E402
-from emigm_jax.models import init_params, param_count, seq_len, token_dim  # noqa: E402
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
@@ -91,6 +82,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--no_buckets", action="store_true",
+                    help="full-capacity encoder and head loss (model.encoder_buckets / "
+                         "loss_buckets off): the ladder's compile-time and step-time cost")
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="device peak in TFLOP/s for MFU (default: measured matmul peak)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -100,6 +94,8 @@ def main() -> None:
     config.train.batch_size = args.batch
     config.model.dtype = args.dtype
     config.model.remat = args.remat
+    if args.no_buckets:
+        config.model.encoder_buckets, config.model.loss_buckets = (), ()
     config.mesh.data, config.mesh.fsdp = -1, 1
     config.optim.warmup_steps = 0  # a non-zero lr, so the update is real work
 

@@ -1,7 +1,7 @@
-"""Base config: the eMIGM recipe (SPEC sections 1-4) at eMIGM-B-256 size.
+"""Base config: the eMIGM recipe (eMIGM paper, Secs. 3-5) at eMIGM-B-256 size.
 
 Every other config starts from this one and changes only what differs. Field names are the
-design-space switches of DESIGN.md; `emigm_jax.config_validation.validate_config` checks them.
+design-space switches of docs/ARCHITECTURE.md; `emigm_jax.config_validation.validate_config` checks them.
 """
 import ml_collections
 
@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "emigm_b_256"
     c.seed = 0
 
-    # Architecture (SPEC section 2).
+    # Architecture.
     c.model = ml_collections.ConfigDict(dict(
         arch="mae",                 # mae | single
         head="diffusion",           # diffusion | categorical
@@ -36,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
         num_diffusion_steps=1000,
         vocab_size=0,               # codebook size K for the categorical head
         encoder_capacity=0,         # 0 = exact dropping for any mask (buffer + N slots)
+        # Work-proportional encoder: capacity rungs buffer + ceil(f * N) (plus the full one);
+        # each step runs the smallest rung holding the batch's visible tokens. () = off.
+        encoder_buckets=(1 / 16, 1 / 8, 1 / 4, 3 / 8, 5 / 8),
+        # Training head loss on masked rows only: row rungs ceil(f * N) per sample. () = off.
+        loss_buckets=(3 / 4, 7 / 8),
         single_reference_semantics=False,
         block="vit",                # vit | llama (RMSNorm, SwiGLU, no biases)
         qk_norm=False,
@@ -47,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
         remat=False,
     ))
 
-    # Masking / forward process (SPEC section 1, reference-code variant as default).
+    # Masking / forward process (reference-code variant as default).
     c.mask = ml_collections.ConfigDict(dict(
         distribution="bernoulli",   # bernoulli | uniform_count
         schedule="exp",
@@ -64,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
         coupling_ratio=0.0,         # DI conditional coupling: share of positions never masked
     ))
 
-    # Optimisation (SPEC section 3).
+    # Optimisation.
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=1e-4,               # lr = base_lr * global_batch / 256
         b1=0.9,
@@ -110,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="float32",
     ))
 
-    # Sampling (SPEC section 4): eMIGM 16-iteration preset.
+    # Sampling: eMIGM 16-iteration preset.
     c.sample = ml_collections.ConfigDict(dict(
         num_iter=16,
         schedule="exp",
@@ -137,11 +142,11 @@ def get_config() -> ml_collections.ConfigDict:
         num_images=50000,
         head_capacity="auto",       # auto: head runs only on revealed tokens | full: on all N
         head_chunk=16,              # tokens per sample per head call (auto mode)
-        # Companion-paper inference switches (COMPANION.md; all off by default).
+        # Companion-paper inference switches (DI, BAG, MaskGIL; all off by default).
         reveal="auto",              # auto (count if order=confidence else bernoulli) | bernoulli | euler | count
         final_argmax=False,         # DI: last step takes argmax p_theta for every still-masked token
         cfg_space="auto",           # auto (eps diffusion / logits categorical) | eps | logits | probs
-        gumbel_anneal="linear",     # linear | none  (COMPANION's gumbel_temp = choice_temperature)
+        gumbel_anneal="linear",     # linear | none  (the papers' gumbel_temp = choice_temperature)
         noise_reg="none",           # none | abs_cos | half_abs_cos  (BAG eq. 1)
         noise_reg_scale=1.0,
         diff_frac=0.0,              # BAG differential sampling fraction z in [0, 1]; 0 = off
@@ -153,22 +158,22 @@ def get_config() -> ml_collections.ConfigDict:
         ar_prefix=0.0,              # MaskGIL: share of raster tokens from an AR model (0 = off)
         ar_workdir="",              # that AR model's run directory (model.arch='ar')
     ))
-    # Named overrides selectable with --sample_preset (SPEC section 4).
+    # Named overrides selectable with --sample_preset.
     c.sample_presets = ml_collections.ConfigDict(dict(
         iter128=dict(num_iter=128, solver_steps=14, cfg_t_min=0.05, cfg_t_max=0.4),
     ))
 
-    # Evaluation (SPEC section 6): FID Inception weights and reference statistics files.
+    # Evaluation: FID Inception weights and reference statistics files.
     c.eval = ml_collections.ConfigDict(dict(
         inception_path="",          # pt_inception-2015-12-05-*.pth or converted .msgpack
         reference_path="",          # ADM batch VIRTUAL_imagenet256_labeled.npz (mu, sigma, mu_s, sigma_s, arr_0)
         fid_stats_path="",          # FID-only stats (mu, sigma), e.g. fid_stats_imagenet256_guided_diffusion.npz
         preprocess="adm",           # adm (TF1 resize, as the published stats) | pytorch_fid
         num_images=0,               # 0 = sample.num_images
-        cache_dir="",
-        save_npz=False,
-        inception_size=299,
-        preview=64,
+        cache_dir="",               # reference pool3 feature cache ('' = next to the file)
+        save_npz=False,             # also write the samples as an ADM sample batch
+        inception_size=299,         # Inception input size (tests shrink it)
+        preview=64,                 # images in the preview PNG
     ))
     # NFE-vs-FID sweep grid (--mode=sweep).
     c.sweep = ml_collections.ConfigDict(dict(

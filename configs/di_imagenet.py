@@ -1,6 +1,6 @@
 """Discrete Interpolants (Hu et al. 2024) on ImageNet 256: the shared recipe of di_itm / di_etm.
 
-Facts (COMPANION.md section 1, Table S7 ImageNet256 column): 32 x 32 VQ-F8 tokens over a
+Facts (DI paper, Table S7 ImageNet256 column): 32 x 32 VQ-F8 tokens over a
 16,384-code codebook (the paper's 16,385 includes [M]; here [M] is the model's separate mask
 embedding), 546M parameters, AdamW with weight decay 0 and gradient-norm clip 2, lr 2e-4 at
 batch 1,024 with 5K warmup steps, 500K iterations, no label smoothing, class drop 0.1, the

@@ -1,6 +1,6 @@
 """The embedded default: eMIGM on scikit-learn's 8x8 digits, tiny enough for 2 CPU cores.
 
-The recipe is eMIGM's (SPEC sections 1-4): Bernoulli masking with the exp schedule and
+The recipe is eMIGM's (eMIGM paper, Secs. 3-5): Bernoulli masking with the exp schedule and
 t_min = 0.2, the MAE encoder-decoder, a per-token diffusion head (iDDPM hybrid loss), CFG with
 the mask token as the unconditional class, interval CFG at sampling with DPM-Solver++.
 What changes is the size (README command 1 must train, sample and score in minutes on two

@@ -5,7 +5,7 @@ pointing at this run). One causal stack of bias-free LLaMA blocks (RMSNorm, SwiG
 2-D RoPE over the 8 x 8 pixel grid, the class embedding as the first token (label drop 0.1
 for CFG), the output table as the head, next-token cross-entropy over the 64 raster pixel
 tokens (``emigm_jax.losses.next_token_loss``). Sampling: 64 single-token passes with a KV
-cache (``emigm_jax.ar_sampling``), temperature 1, no top-k / top-p, CFG on logits.
+cache (``emigm_jax.sampling.ar``), temperature 1, no top-k / top-p, CFG on logits.
 
     python -m emigm_jax.main --config=configs/digits_ar.py --workdir=runs/digits_ar
 """

@@ -1,6 +1,6 @@
 """Discrete Interpolants (Hu et al. 2024) on the discrete digits: the ITM recipe, tiny.
 
-Training (COMPANION.md section 1): each pixel token kept with probability kappa_t (Bernoulli
+Training (DI paper): each pixel token kept with probability kappa_t (Bernoulli
 masking, linear schedule), t ~ U[t_eps, 1 - t_eps] with t_eps = 1e-3, w = 1, no label
 smoothing, implicit-timestep model (``model.time_cond='none'``; ``'explicit'`` gives the ETM).
 Sampling (DI Alg. 1): 20 fixed steps, a masked token leaves [M] with the first-order

@@ -1,6 +1,6 @@
 """MaskGIL (Xin et al. 2025) on the discrete digits: the MaskGIL-B recipe, tiny.
 
-Architecture (COMPANION.md section 3): one bidirectional stack of bias-free LLaMA blocks
+Architecture (MaskGIL paper): one bidirectional stack of bias-free LLaMA blocks
 (RMSNorm, SwiGLU), 2-D RoPE over the 8 x 8 pixel grid (first half of each head rotates with
 the row, second half with the column; the class prefix token is not rotated), the class
 embedding as one prefix token, the output table alone as the head. Training: uniform-count

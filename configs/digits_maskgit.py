@@ -1,4 +1,4 @@
-"""MaskGIT (Chang et al. 2022) on the discrete digits: SPEC Table 1's MaskGIT row, tiny.
+"""MaskGIT (Chang et al. 2022) on the discrete digits: eMIGM paper Table 1's MaskGIT row, tiny.
 
 Training: exactly ceil(N * gamma(t)) of the 64 pixel tokens masked, uniformly without
 replacement, cosine gamma, w = 1, one t per sample. Sampling: confidence order with Gumbel

@@ -1,4 +1,4 @@
-"""Masked diffusion model (MDM) on the discrete digits: SPEC Table 1's MDM row, tiny.
+"""Masked diffusion model (MDM) on the discrete digits: eMIGM paper Table 1's MDM row, tiny.
 
 Training: each pixel token masked independently with probability gamma(t) (linear), one t
 per sample, no truncation, the ELBO weight w(t) = gamma'(t) / gamma(t) and the unbiased

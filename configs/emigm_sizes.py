@@ -1,4 +1,4 @@
-"""eMIGM model sizes and evaluation presets (SPEC sections 2 and 4, paper Tables 6-7).
+"""eMIGM model sizes and evaluation presets (eMIGM paper, Tables 6-7).
 
 One table, one builder: each ``configs/emigm_<size>_<res>.py`` is a one-line call to
 ``emigm_config``, so a number lives in exactly one place.

@@ -1,4 +1,4 @@
-"""MAR (Li et al. 2024) as a row of the unified framework (SPEC Table 1), MAR-B size.
+"""MAR (Li et al. 2024) as a row of the unified framework (eMIGM paper, Table 1), MAR-B size.
 
 Masking: exactly ceil(N * gamma(t)) tokens uniformly without replacement, one t per sample,
 no truncation; w = 1; diffusion head; a separate learned fake class for CFG (MAR keeps

@@ -1,4 +1,4 @@
-"""MaskGIL sizes (COMPANION.md section 3) and the shared recipe.
+"""MaskGIL sizes (MaskGIL paper) and the shared recipe.
 
 A bidirectional LLaMA transformer over LlamaGen VQ-16 tokens: a single stack of bias-free
 LLaMA blocks (RMSNorm, SwiGLU), 2-D RoPE, the class embedding as one prefix token, untied

@@ -1,4 +1,4 @@
-"""MaskGIT (Chang et al. 2022) as a row of the unified framework (SPEC Table 1).
+"""MaskGIT (Chang et al. 2022) as a row of the unified framework (eMIGM paper, Table 1).
 
 Discrete VQ tokens (16x16 grid over a 1024-code codebook) with a categorical head; exactly
 ceil(N * gamma(t)) tokens masked uniformly without replacement with the cosine schedule,

@@ -1,4 +1,4 @@
-"""Masked diffusion model (MDM: Sahoo et al. / Shi et al. 2024) as a row of SPEC Table 1.
+"""Masked diffusion model (MDM: Sahoo et al. / Shi et al. 2024) as a row of eMIGM's Table 1.
 
 Each token masked independently with probability gamma(t) (linear schedule), one t per
 sample, loss weight w(t) = gamma'(t) / gamma(t) (the ELBO weight), no truncation, categorical

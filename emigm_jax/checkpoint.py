@@ -356,9 +356,6 @@ class PreemptionWatcher:
                                   f"checkpoint is step {self._ckpt.latest_step()}")
         logging.warning("received signal %d: will checkpoint and stop at the next step", signum)
 
-    def request_stop(self) -> None:
-        self._flag.set()
-
     def should_stop(self, step: int) -> bool:
         if self._flag.is_set():
             return True

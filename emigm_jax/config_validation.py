@@ -5,6 +5,7 @@ readable message instead of as a shape error deep inside jit.
 """
 from __future__ import annotations
 
+from emigm_jax.buckets import check_fractions
 from emigm_jax.schedules import SCHEDULE_ALIASES, SCHEDULE_NAMES, WEIGHT_NAMES
 from emigm_jax.tokenizers.registry import TOKENIZER_NAMES
 
@@ -121,6 +122,18 @@ def _validate_run_fields(config) -> None:
 def validate_config(config) -> None:
     """Raises ConfigError naming the first bad field; returns None when the config is usable."""
     _validate_run_fields(config)
+    _check_choices(config)
+    side = _check_model(config.model, config.mask)
+    _check_mask(config.mask, side)
+    if "optim" in config:
+        _check_optim(config.optim)
+    if "train" in config:
+        _check_train(config.train)
+    if "sample" in config:
+        _check_sample(config.sample)
+
+
+def _check_choices(config) -> None:
     for field, allowed in CHOICES.items():
         section, name = field.split(".")
         if section not in config or name not in config[section]:
@@ -128,7 +141,9 @@ def validate_config(config) -> None:
         value = _get(config, field)
         _require(value in allowed, field, value, f"one of {allowed}")
 
-    m = config.model
+
+def _check_model(m, mask) -> int:
+    """Checks config.model; returns the token grid side."""
     for name in ("width", "enc_depth", "num_heads", "num_classes", "image_size",
                  "latent_stride", "patch_size", "latent_channels", "head_depth", "head_width"):
         _require(int(m[name]) == m[name] and m[name] > 0, f"model.{name}", m[name],
@@ -163,12 +178,18 @@ def validate_config(config) -> None:
     _require(m.encoder_capacity == 0 or 0 < m.encoder_capacity <= total,
              "model.encoder_capacity", m.encoder_capacity, f"0 (exact) or in [1, {total}]")
     if m.encoder_capacity:
-        _require(m.buffer_size + side * side - config.mask.min_masked <= m.encoder_capacity,
+        _require(m.buffer_size + side * side - mask.min_masked <= m.encoder_capacity,
                  "model.encoder_capacity", m.encoder_capacity,
                  f">= buffer_size + seq_len - mask.min_masked = "
-                 f"{total - config.mask.min_masked} (else kept tokens could be cut)")
+                 f"{total - mask.min_masked} (else kept tokens could be cut)")
+    for name in ("encoder_buckets", "loss_buckets"):
+        reason = check_fractions(m.get(name, ()), f"model.{name}")
+        if reason:
+            raise ConfigError(reason)
+    return side
 
-    k = config.mask
+
+def _check_mask(k, side: int) -> None:
     _require(0.0 <= k.t_min < 1.0, "mask.t_min", k.t_min, "a value in [0, 1)")
     _require(0.0 <= k.get("t_eps", 0.0) < 0.5, "mask.t_eps", k.get("t_eps", 0.0),
              "a value in [0, 0.5)")
@@ -180,36 +201,37 @@ def validate_config(config) -> None:
     for name in ("exp_rate", "pow_rho", "poly_p"):
         _require(k[name] > 0, f"mask.{name}", k[name], "a value > 0")
 
-    if "optim" in config:
-        o = config.optim
-        _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "a value > 0")
-        _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2),
-                 "values in [0, 1)")
-        _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a value >= 0")
-        _require(o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "a value > 0")
-        _require(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "a value in [0, 1)")
-    if "train" in config:
-        t = config.train
-        _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
-        _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
-                 t.grad_accum, f"a divisor of train.batch_size={t.batch_size}")
-        _require(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing,
-                 "a value in [0, 1)")
 
-    if "sample" in config:
-        s = config.sample
-        _require(s.num_iter >= 1, "sample.num_iter", s.num_iter, "an integer >= 1")
-        _require(0.0 <= s.t_end < 1.0, "sample.t_end", s.t_end, "a value in [0, 1)")
-        _require(s.cfg_scale >= 0, "sample.cfg_scale", s.cfg_scale, "a value >= 0")
-        _require(0.0 <= s.cfg_t_min <= s.cfg_t_max <= 1.0, "sample.cfg_t_min/cfg_t_max",
-                 (s.cfg_t_min, s.cfg_t_max), "0 <= cfg_t_min <= cfg_t_max <= 1")
-        _require(s.solver_order in (1, 2, 3), "sample.solver_order", s.solver_order,
-                 "one of (1, 2, 3)")
-        _require(s.solver_steps >= 1, "sample.solver_steps", s.solver_steps, "an integer >= 1")
-        _require(s.temperature > 0, "sample.temperature", s.temperature, "a value > 0")
-        _require(0.0 < s.top_p <= 1.0, "sample.top_p", s.top_p, "a value in (0, 1]")
-        _require(s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0 = off)")
-        share = s.get("ar_prefix", 0.0)
-        _require(0.0 <= share <= 1.0, "sample.ar_prefix", share, "a share in [0, 1] (0 = off)")
-        _require(s.get("z_cfg", 0.0) >= 0, "sample.z_cfg", s.get("z_cfg", 0.0),
-                 "a value >= 0 (0 = no guidance pass in the masked-Z scoring)")
+def _check_optim(o) -> None:
+    _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "a value > 0")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2),
+             "values in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a value >= 0")
+    _require(o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "a value > 0")
+    _require(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "a value in [0, 1)")
+
+
+def _check_train(t) -> None:
+    _require(t.batch_size > 0, "train.batch_size", t.batch_size, "a positive integer")
+    _require(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
+             t.grad_accum, f"a divisor of train.batch_size={t.batch_size}")
+    _require(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing,
+             "a value in [0, 1)")
+
+
+def _check_sample(s) -> None:
+    _require(s.num_iter >= 1, "sample.num_iter", s.num_iter, "an integer >= 1")
+    _require(0.0 <= s.t_end < 1.0, "sample.t_end", s.t_end, "a value in [0, 1)")
+    _require(s.cfg_scale >= 0, "sample.cfg_scale", s.cfg_scale, "a value >= 0")
+    _require(0.0 <= s.cfg_t_min <= s.cfg_t_max <= 1.0, "sample.cfg_t_min/cfg_t_max",
+             (s.cfg_t_min, s.cfg_t_max), "0 <= cfg_t_min <= cfg_t_max <= 1")
+    _require(s.solver_order in (1, 2, 3), "sample.solver_order", s.solver_order,
+             "one of (1, 2, 3)")
+    _require(s.solver_steps >= 1, "sample.solver_steps", s.solver_steps, "an integer >= 1")
+    _require(s.temperature > 0, "sample.temperature", s.temperature, "a value > 0")
+    _require(0.0 < s.top_p <= 1.0, "sample.top_p", s.top_p, "a value in (0, 1]")
+    _require(s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0 = off)")
+    share = s.get("ar_prefix", 0.0)
+    _require(0.0 <= share <= 1.0, "sample.ar_prefix", share, "a share in [0, 1] (0 = off)")
+    _require(s.get("z_cfg", 0.0) >= 0, "sample.z_cfg", s.get("z_cfg", 0.0),
+             "a value >= 0 (0 = no guidance pass in the masked-Z scoring)")

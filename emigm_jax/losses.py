@@ -15,10 +15,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from emigm_jax.buckets import count_ladder, switch_on_count
 from emigm_jax.diffusion import gaussian
 from emigm_jax.masking import sample_mask
 from emigm_jax.models import build_model
 from emigm_jax.models.categorical_head import cross_entropy
+from emigm_jax.models.mae import keep_first_order
 from emigm_jax.schedules import schedule_from_config
 
 
@@ -35,23 +37,55 @@ def drop_labels(rng: jax.Array, labels: jax.Array, prob: float) -> jax.Array:
     return jnp.where(jax.random.uniform(rng, labels.shape) < prob, -1, labels)
 
 
-def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: int):
+def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: int,
+                         mask=None, rungs: tuple[int, ...] = ()):
     """Per-token iDDPM hybrid loss averaged over ``batch_mul`` independent (t, noise) draws.
 
     x0: [B, N, C] targets, z: [B, N, D] conditions -> (loss, mse, vb), each [B, N].
+
+    With ``mask`` [B, N] (True = masked) and row ``rungs`` (sizes per sample, last = N), the
+    head runs only on the smallest rung holding the batch's largest masked count: masked
+    positions are gathered first, and positions the head skipped get 0 (every caller weights
+    them by the mask). The (t, noise) of each (draw, position) is the same as without rungs,
+    so the loss and its gradients are the same.
     """
     b, n, c = x0.shape
-    x = jnp.tile(x0.reshape(b * n, c), (batch_mul, 1))  # [mul*B*N, C]
-    zz = jnp.tile(z.reshape(b * n, -1), (batch_mul, 1))
     rng_t, rng_e = jax.random.split(rng)
-    t = jax.random.randint(rng_t, (x.shape[0],), 0, num_steps)
-    noise = jax.random.normal(rng_e, x.shape, jnp.float32)
+    t = jax.random.randint(rng_t, (batch_mul * b * n,), 0, num_steps).reshape(batch_mul, b, n)
+    noise = jax.random.normal(rng_e, (batch_mul * b * n, c), jnp.float32)
+    noise = noise.reshape(batch_mul, b, n, c)
+    process = train_diffusion(num_steps)
 
-    def model_fn(x_t, t_in):
-        return model.apply({"params": params}, x_t, t_in.astype(jnp.float32), zz, method="head")
+    def rows_loss(x_r, z_r, t_r, noise_r):
+        """x_r [B, R, C], z_r [B, R, D], t_r [mul, B, R], noise_r [mul, B, R, C] -> 3 x [B, R]."""
+        r = x_r.shape[1]
+        zz = jnp.tile(z_r.reshape(b * r, -1), (batch_mul, 1))  # [mul*B*R, D]
 
-    terms = train_diffusion(num_steps).training_losses(model_fn, x, t, noise)
-    return tuple(terms[k].reshape(batch_mul, b, n).mean(axis=0) for k in ("loss", "mse", "vb"))
+        def model_fn(x_t, t_in):
+            return model.apply({"params": params}, x_t, t_in.astype(jnp.float32), zz,
+                               method="head")
+
+        terms = process.training_losses(model_fn, jnp.tile(x_r.reshape(b * r, c), (batch_mul, 1)),
+                                        t_r.reshape(-1), noise_r.reshape(-1, c))
+        return tuple(terms[k].reshape(batch_mul, b, r).mean(axis=0) for k in ("loss", "mse", "vb"))
+
+    if mask is None or tuple(rungs) in ((), (n,)):
+        return rows_loss(x0, z, t, noise)
+    order = keep_first_order(mask)  # [B, N]: masked positions first
+
+    def branch(cap):
+        def run(x0, z, t, noise):
+            idx = order[:, :cap]  # [B, cap]
+            take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)),
+                                                 axis=1)
+            take_m = lambda a: jax.vmap(take)(a)  # over the batch_mul draws
+            parts = rows_loss(take(x0), take(z), take_m(t), take_m(noise))
+            rows = jnp.arange(b)[:, None]
+            return tuple(jnp.zeros((b, n), v.dtype).at[rows, idx].set(v) for v in parts)
+        return run
+
+    need = jnp.max(jnp.sum(mask, axis=1))
+    return switch_on_count(need, rungs, branch, x0, z, t, noise)
 
 
 def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
@@ -77,7 +111,8 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
     if config.model.head == "diffusion":
         per_token, mse, vb = diffusion_token_loss(
             model, params, tokens.astype(jnp.float32), z, rng_head,
-            config.model.diffusion_batch_mul, config.model.num_diffusion_steps)
+            config.model.diffusion_batch_mul, config.model.num_diffusion_steps, draw.mask,
+            count_ladder(n, config.model.get("loss_buckets", ())))
     else:
         logits = model.apply({"params": params}, z, method="logits")
         per_token = cross_entropy(logits, tokens, config.train.label_smoothing)

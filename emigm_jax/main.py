@@ -16,18 +16,31 @@ names the bad value.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
 import re
 import sys
 import tempfile
-import time
-from typing import Any
 
+import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from emigm_jax import sharding as shd
+from emigm_jax import train as train_lib
+from emigm_jax import workdir as workdir_lib
+from emigm_jax.checkpoint import Checkpointer, CheckpointError, SaveInterrupted
+from emigm_jax.config_files import load_config
+from emigm_jax.config_validation import ConfigError, sample_preset, validate_config
+from emigm_jax.convert.inception import load_inception_variables
+from emigm_jax.data.pipeline import SOURCES
+from emigm_jax.evaluation.digits_report import digits_report, digits_sample_fn
+from emigm_jax.evaluation.evaluate import eval_settings, evaluate
+from emigm_jax.evaluation.sweep import sweep
+from emigm_jax.models import param_shapes
+from emigm_jax.sampling import ar_prefix
+from emigm_jax.workdir import WorkdirError, total_train_seconds
 
 MODES = ("train", "sample", "evaluate", "sweep")
 
@@ -57,7 +70,7 @@ _FRESH_START = flags.DEFINE_bool(
     "found damaged (they stay in checkpoints_damaged/).")
 
 
-# Names used in COMPANION.md / the papers for a switch that exists here under another name.
+# Names the companion papers (DI, BAG, MaskGIL) use for a switch that exists here under another name.
 FIELD_SYNONYMS = {
     "model.num_cond_tokens": "model.buffer_size (class-embedding prefix tokens: eMIGM 64, MaskGIL 1)",
     "sample.gumbel_temp": "sample.choice_temperature (with sample.gumbel_anneal)",
@@ -70,9 +83,6 @@ class PreflightError(ValueError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe the user's input or files: printed as one line, no traceback."""
-    from emigm_jax.checkpoint import CheckpointError, SaveInterrupted  # pylint: disable=import-outside-toplevel
-    from emigm_jax.config_validation import ConfigError  # pylint: disable=import-outside-toplevel
-    from emigm_jax.workdir import WorkdirError  # pylint: disable=import-outside-toplevel
     return (ConfigError, PreflightError, CheckpointError, SaveInterrupted, WorkdirError,
             FileNotFoundError, NotImplementedError, FloatingPointError)
 
@@ -103,7 +113,6 @@ def prepare_workdir(workdir: str | None) -> str:
 def apply_sample_preset(config, name: str | None) -> None:
     if not name:
         return
-    from emigm_jax.config_validation import ConfigError, sample_preset  # pylint: disable=import-outside-toplevel
     try:
         overrides = sample_preset(config, name, source="--sample_preset=")
     except ConfigError as e:
@@ -115,31 +124,15 @@ def apply_sample_preset(config, name: str | None) -> None:
 
 def preflight(config, mode: str) -> None:
     """Config fields, mesh shape vs devices, batch divisibility: all before compilation."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+    if config.data.source not in SOURCES:  # first: the other fields' rules depend on it
+        raise PreflightError(f"config.data.source={config.data.source!r} is invalid: "
+                             f"expected one of {SOURCES}")
     try:
-        from emigm_jax.config_validation import validate_config  # pylint: disable=import-outside-toplevel
-    except ImportError:  # pragma: no cover
-        validate_config = None
-    try:
-        if validate_config is not None:
-            validate_config(config)
-        mesh_shape = shd.mesh_shape(config.mesh, jax.device_count())
-        n_dev = mesh_shape[0] * mesh_shape[1]
+        validate_config(config)
+        mesh = shd.make_mesh(config.mesh)
         if mode == "train":
-            accum = int(config.train.get("grad_accum", 1))
-            batch = int(config.train.batch_size)
-            if batch % accum or (batch // accum) % n_dev or batch % jax.process_count():
-                raise PreflightError(
-                    f"config.train.batch_size={batch} must be divisible by train.grad_accum="
-                    f"{accum} times the {n_dev} devices (data={mesh_shape[0]} x fsdp="
-                    f"{mesh_shape[1]}), i.e. a multiple of {accum * n_dev}, and by the "
-                    f"{jax.process_count()} processes")
-        from emigm_jax.data.pipeline import SOURCES  # pylint: disable=import-outside-toplevel
-        if config.data.source not in SOURCES:
-            raise PreflightError(f"config.data.source={config.data.source!r} is invalid: "
-                                 f"expected one of {SOURCES}")
+            shd.check_batch_size(int(config.train.batch_size), mesh,
+                                 grad_accum=int(config.train.grad_accum))
     except PreflightError:
         raise
     except ValueError as e:
@@ -156,13 +149,12 @@ def check_overrides(argv: list[str]) -> None:
             config_path = argv[i + 1]
     if not config_path:
         return
-    path, _, arg = config_path.partition(":")
-    if not os.path.exists(path):
-        raise PreflightError(f"--config={config_path!r}: no such file")
-    spec = importlib.util.spec_from_file_location("_emigm_cli_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = load_config(config_path)
+    except FileNotFoundError as e:
+        raise PreflightError(f"--config={config_path!r}: no such file") from e
+    except ValueError as e:
+        raise PreflightError(f"--config={config_path!r}: {e}") from e
     for a in argv:
         m = re.match(r"--(?:no)?config\.([^=\s]+)", a)
         if not m:
@@ -182,187 +174,24 @@ def check_overrides(argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The digits job: sample, score, write samples.npz / samples.png / metrics.json.
-
-def sample_function(config, mesh):
-    """``(params, labels, rng, config) -> (tokens, info)``: the masked sampler, the AR sampler
-    (``model.arch='ar'``), or MaskGIL's AR prefix + masked completion (``sample.ar_prefix``
-    > 0, with the AR run's EMA weights and config from ``sample.ar_workdir``)."""
-    import functools  # pylint: disable=import-outside-toplevel
-    from emigm_jax import ar_prefix, ar_sampling, sampling  # pylint: disable=import-outside-toplevel
-
-    if config.model.arch == "ar":
-        return ar_sampling.sample
-    if float(config.sample.get("ar_prefix", 0.0)) == 0.0:
-        return sampling.sample
-    ar_config, ar_params = load_ar_run(config.sample.get("ar_workdir", ""), mesh)
-    return functools.partial(ar_prefix.sample, ar_params=ar_params, ar_config=ar_config)
-
-
-def load_ar_run(workdir: str, mesh):
-    """(config, EMA params) of a trained ``model.arch='ar'`` run (its config.json)."""
-    import ml_collections  # pylint: disable=import-outside-toplevel
-    if not workdir:
-        raise FileNotFoundError("config.sample.ar_prefix > 0 needs config.sample.ar_workdir: "
-                                "the run directory of a trained model.arch='ar' model")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config.sample.ar_workdir={workdir!r} has no config.json: "
-                                f"train the AR model there first (configs/digits_ar.py)")
-    with open(path, encoding="utf-8") as f:
-        ar_config = ml_collections.ConfigDict(json.load(f))
-    _, params = restore_ema_params(ar_config, workdir, mesh)
-    return ar_config, params
-
-
-def generate(params, labels, config, mesh, seed: int) -> tuple[Any, int]:
-    """Samples tokens for ``labels`` [K] in batches of ``sample.batch_size`` on the mesh.
-
-    Returns (tokens as numpy [K, ...], NFE per image).
-    """
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
-
-    sample_fn = sample_function(config, mesh)
-    labels = np.asarray(labels, np.int32)
-    n_dev = mesh.devices.size
-    bs = int(config.sample.get("batch_size", 64))
-    bs = max(n_dev, bs - bs % n_dev)
-    out, nfe = [], None
-    rng = jax.random.key(seed)
-    for start in range(0, len(labels), bs):
-        chunk = labels[start:start + bs]
-        pad = np.concatenate([chunk, np.zeros(bs - len(chunk), np.int32)])
-        glabels = jax.make_array_from_callback(pad.shape, shd.batch_sharding(mesh),
-                                               lambda idx, pad=pad: pad[idx])
-        tokens, info = sample_fn(params, glabels, jax.random.fold_in(rng, start), config)
-        if jax.process_count() > 1:
-            tokens = multihost_utils.process_allgather(tokens, tiled=True)
-        out.append(np.asarray(tokens)[:len(chunk)])
-        nfe = int(jax.device_get(info["nfe"]))
-    return np.concatenate(out), nfe
-
-
-def image_grid(images, rows: int, scale: int = 4, pad: int = 1):
-    """[rows*cols, H, W] in 0..16 -> uint8 grid, one row per class, nearest upscaling."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from emigm_jax.data.digits import PIXEL_MAX  # pylint: disable=import-outside-toplevel
-    images = np.asarray(images, np.float32)
-    k, h, w = images.shape
-    cols = k // rows
-    img = np.clip(images[:rows * cols] / PIXEL_MAX * 255.0, 0, 255).astype(np.uint8)
-    img = img.repeat(scale, 1).repeat(scale, 2).reshape(rows, cols, h * scale, w * scale)
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    grid = np.full((rows * cell_h + pad, cols * cell_w + pad), 64, np.uint8)
-    for r in range(rows):
-        for c in range(cols):
-            grid[pad + r * cell_h: pad + r * cell_h + h * scale,
-                 pad + c * cell_w: pad + c * cell_w + w * scale] = img[r, c]
-    return grid
-
-
-def digits_sample_fn(config, mesh, per_class: int | None = None):
-    """Periodic training samples (EMA weights): a grid and the samples' class accuracy.
-
-    Uses ``sample.num_images`` samples by default (one padded batch of ``sample.batch_size``
-    costs the same whatever the count, and reuses the final report's compiled sampler).
-    """
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from emigm_jax.data import digits_metric  # pylint: disable=import-outside-toplevel
-    from emigm_jax.data.digits import NUM_CLASSES, tokenizer_from_config  # pylint: disable=import-outside-toplevel
-    tok = tokenizer_from_config(config)
-    per_class = per_class or max(10, int(config.sample.num_images) // NUM_CLASSES)
-    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
-    clf = digits_metric.fit_classifier(float(config.data.get("test_fraction", 0.2)),
-                                       int(config.data.get("split_seed", 0)))
-
-    def fn(state, step):
-        tokens, _ = generate(state.ema_params, labels, config, mesh, seed=int(step))
-        images = tok.decode(tokens)
-        shown = np.concatenate([images[c * per_class: c * per_class + 10]
-                                for c in range(NUM_CLASSES)])
-        return {"image": image_grid(shown, NUM_CLASSES),
-                "class_accuracy": clf.accuracy(images, labels)}
-    return fn
-
-
-def digits_report(config, params, workdir: str, mesh, *, train_steps: int,
-                  train_seconds: float) -> dict:
-    """Samples ``sample.num_images`` digits (>= 50 per class), scores them, writes the files."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-
-    from emigm_jax.data import digits_metric  # pylint: disable=import-outside-toplevel
-    from emigm_jax.data.digits import NUM_CLASSES, tokenizer_from_config  # pylint: disable=import-outside-toplevel
-
-    per_class = max(50, int(config.sample.num_images) // NUM_CLASSES)
-    labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), per_class)
-    t0 = time.perf_counter()
-    tokens, nfe = generate(params, labels, config, mesh, seed=int(config.seed) + 1)
-    sample_seconds = time.perf_counter() - t0
-    images = tokenizer_from_config(config).decode(tokens)  # [K, 8, 8] in 0..16
-    scores = digits_metric.score_samples(
-        images, labels, test_fraction=float(config.data.get("test_fraction", 0.2)),
-        split_seed=int(config.data.get("split_seed", 0)))
-    metrics = {
-        "sample_class_accuracy": scores["sample_class_accuracy"],
-        "sample_fd": scores["sample_fd"],
-        "real_class_accuracy": scores["real_class_accuracy"],
-        "real_fd": scores["real_fd"],
-        "nfe": nfe,
-        "train_steps": int(train_steps),
-        "train_seconds": float(train_seconds),
-        "sample_seconds": float(sample_seconds),
-        "num_samples": int(len(labels)),
-        "per_class_accuracy": scores["per_class_accuracy"],
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-    }
-    if jax.process_index() == 0:
-        np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32),
-                 labels=labels, tokens=np.asarray(tokens))
-        cols = min(per_class, 10)
-        grid_idx = np.concatenate([np.arange(c * per_class, c * per_class + cols)
-                                   for c in range(NUM_CLASSES)])
-        Image.fromarray(image_grid(images[grid_idx], NUM_CLASSES)).save(
-            os.path.join(workdir, "samples.png"))
-        with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-        print(f"\ndigits ({len(labels)} samples, NFE {nfe}, {train_steps} train steps in "
-              f"{train_seconds:.0f}s):\n"
-              f"  class accuracy  samples {metrics['sample_class_accuracy']:.3f}   "
-              f"real held-out {metrics['real_class_accuracy']:.3f}\n"
-              f"  Frechet dist.   samples {metrics['sample_fd']:.3f}   "
-              f"real train-vs-held-out {metrics['real_fd']:.3f}\n"
-              f"  wrote {workdir}/metrics.json, samples.npz, samples.png", flush=True)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------
 # Modes.
 
-def _evaluation_entry(name: str):
-    """``emigm_jax.evaluation.<name>.<name>``: (config, params, workdir, mesh) -> dict."""
-    module_name = f"emigm_jax.evaluation.{name}"
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, name)
-    except (ImportError, AttributeError) as e:
-        raise NotImplementedError(
-            f"--mode={name} for data.source != 'digits' needs {module_name}.{name}"
-            f"(config, params, workdir, mesh), which is not available ({e})") from e
+def run_evaluation(config, params, workdir: str, mesh, mode: str) -> dict:
+    """--mode=evaluate / sweep; the Inception is loaded once here for both."""
+    if mode == "sweep" and config.data.source == "digits":
+        return sweep(config, params, workdir, mesh)
+    path = eval_settings(config)["inception_path"]
+    if not path:
+        raise ValueError("config.eval.inception_path is empty: point it at pytorch-fid's "
+                         "pt_inception-2015-12-05-6726825d.pth (or a converted .msgpack)")
+    entry = evaluate if mode == "evaluate" else sweep
+    return entry(config, params, workdir, mesh,
+                 inception_variables=load_inception_variables(path))
 
 
 def restore_ema_params(config, workdir: str, mesh):
     """EMA parameters of the newest checkpoint, in their training sharding."""
-    import jax  # pylint: disable=import-outside-toplevel
 
-    from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
-    from emigm_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-    from emigm_jax.models import param_shapes  # pylint: disable=import-outside-toplevel
 
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
@@ -383,16 +212,23 @@ def restore_ema_params(config, workdir: str, mesh):
     return restored
 
 
+def sampling_params(config, params, mesh):
+    """``params``, or ``{'masked': params, 'ar': the AR run's EMA params}`` with
+    ``sample.ar_prefix`` > 0 (MaskGIL's AR prefix; the AR run is ``sample.ar_workdir``)."""
+    if ar_prefix.prefix_length(config) == 0:
+        return params
+    ar_workdir = config.sample.get("ar_workdir", "")
+    _, ar_params = restore_ema_params(ar_prefix.load_ar_config(ar_workdir), ar_workdir, mesh)
+    return {"masked": params, "ar": ar_params}
+
+
 def run_mode(config, workdir: str, mode: str) -> dict:
-    from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
-    from emigm_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-    from emigm_jax.workdir import total_train_seconds  # pylint: disable=import-outside-toplevel
 
     digits = config.data.source == "digits"
     if mode == "train":
         mesh = shd.make_mesh(config.mesh)
         sample_fn = digits_sample_fn(config, mesh) if digits and \
-            int(config.train.get("sample_every", 0)) > 0 else None
+            int(config.train.sample_every) > 0 else None
         result = train_lib.train(config, workdir, sample_fn=sample_fn,
                                  accept_recipe_change=_ACCEPT_RECIPE.value,
                                  allow_fresh_start=_FRESH_START.value)
@@ -410,18 +246,18 @@ def run_mode(config, workdir: str, mode: str) -> dict:
 
     mesh = shd.make_mesh(config.mesh)
     step, params = restore_ema_params(config, workdir, mesh)
+    params = sampling_params(config, params, mesh)
     if digits and mode in ("sample", "evaluate"):
         return digits_report(config, params, workdir, mesh, train_steps=step,
                              train_seconds=total_train_seconds(workdir))
     if mode == "sample":
         mode = "evaluate"  # sampling to files is part of the evaluation job
-    return _evaluation_entry(mode)(config, params, workdir, mesh)
+    return run_evaluation(config, params, workdir, mesh, mode)
 
 
 def write_config(config, workdir: str, mode: str = "train") -> None:
     """The resolved config (file + overrides): config.json for training, config_<mode>.json
     for the other modes (so sampling with other settings keeps the training record)."""
-    import jax  # pylint: disable=import-outside-toplevel
     if jax.process_index() != 0:
         return
     name = "config.json" if mode == "train" else f"config_{mode}.json"
@@ -431,7 +267,6 @@ def write_config(config, workdir: str, mode: str = "train") -> None:
 
 def _quiet_library_logs() -> None:
     """Orbax logs every save/restore phase at INFO through absl; keep its warnings only."""
-    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
     def keep(record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or "orbax" not in record.pathname
@@ -452,7 +287,6 @@ def main(argv) -> None:
     except PreflightError as e:
         raise app.UsageError(str(e)) from e
 
-    from emigm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
     local_ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
     shd.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                local_device_ids=local_ids, mode=_DISTRIBUTED.value)
@@ -460,8 +294,6 @@ def main(argv) -> None:
         preflight(config, _MODE.value)
     except PreflightError as e:
         raise app.UsageError(str(e)) from e
-    import jax  # pylint: disable=import-outside-toplevel
-    from emigm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
     lock = None
     try:
         lock = workdir_lib.acquire_lock(workdir) if jax.process_index() == 0 else None

@@ -1,4 +1,4 @@
-"""Training-time masking: the forward process q(x_t | x_0) of SPEC Table 1.
+"""Training-time masking: the forward process q(x_t | x_0) (eMIGM paper, Sec. 3, Table 1).
 
 Two distributions, equal in expectation (paper App. A):
   * ``bernoulli``: each token masked independently with probability gamma(p);

@@ -1,7 +1,7 @@
 """Mask schedules gamma(t), their derivatives, and loss weights w(t).
 
 One source of truth for every schedule the framework uses, in training (masking ratio) and
-in sampling (reveal probabilities). Convention (SPEC section 1, COMPANION section 0):
+in sampling (reveal probabilities). Convention (docs/ARCHITECTURE.md):
 gamma(t) is the masked fraction, t = 1 is fully masked, sampling runs t from 1 to 0.
 
 Every function takes an array module ``xp`` (``jax.numpy`` by default) so the same formula

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -162,20 +163,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(global_batch: int, mesh: Mesh, name: str = "train.batch_size",
                      grad_accum: int = 1) -> None:
-    """Clear error when a global batch cannot be split evenly over devices and processes."""
+    """The one batch check: the global batch must split evenly into ``grad_accum``
+    micro-batches, each over the mesh's devices, and over the processes."""
     n_dev, n_proc = mesh.devices.size, jax.process_count()
-    if global_batch % grad_accum:
-        raise ValueError(f"config.{name}={global_batch} is not divisible by "
-                         f"train.grad_accum={grad_accum}")
-    micro = global_batch // grad_accum
-    if micro % n_dev:
+    if global_batch % grad_accum or (global_batch // grad_accum) % n_dev or global_batch % n_proc:
         raise ValueError(
-            f"config.{name}={global_batch} (micro-batch {micro} with grad_accum={grad_accum}) is "
-            f"not divisible by the {n_dev} devices of the mesh {dict(mesh.shape)}; choose a "
-            f"multiple of {n_dev * grad_accum}")
-    if global_batch % n_proc:
-        raise ValueError(f"config.{name}={global_batch} is not divisible by the "
-                         f"{n_proc} processes")
+            f"config.{name}={global_batch} must be divisible by train.grad_accum={grad_accum} "
+            f"times the {n_dev} devices of the mesh {dict(mesh.shape)}, i.e. a multiple of "
+            f"{grad_accum * n_dev}, and by the {n_proc} processes")
 
 
 def global_batch(local_batch, mesh: Mesh):
@@ -205,6 +200,13 @@ _CLUSTER_ENV = (
     ("OMPI_COMM_WORLD_SIZE", "Open MPI"),
     ("JAX_NUM_PROCESSES", "explicit env"),
 )
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as one numpy array on every process (gathered when not addressable)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _auto_cluster() -> str | None:

@@ -1,6 +1,6 @@
 """Train state, optimizer, the sharded train step, and the training loop.
 
-Recipe (SPEC section 3): AdamW (b1 0.9, b2 0.95, weight decay 0.02 on the transformer's >=2-D
+Recipe (eMIGM paper, App. D): AdamW (b1 0.9, b2 0.95, weight decay 0.02 on the transformer's >=2-D
 weights only), lr = base_lr * global_batch / 256 with linear warmup then constant, gradient
 clipping to global norm 3.0, EMA of the parameters (decay 0.9999; the EMA weights are the ones
 used for sampling), fp32 master parameters with the compute dtype from ``config.model.dtype``.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -35,13 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
+from tqdm.auto import tqdm
 
+from emigm_jax import losses, models
 from emigm_jax import sharding as shd
 from emigm_jax import workdir as workdir_lib
 from emigm_jax.checkpoint import Checkpointer, PreemptionWatcher
 from emigm_jax.data import pipeline
 from emigm_jax.data.step_encoder import IMAGE_SOURCES, PrepareFn, image_encoder
-from emigm_jax.workdir import MetricWriter  # noqa: F401  (public name kept here)
 
 LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch, rng, config, train) -> (loss, metrics)
 
@@ -105,9 +106,7 @@ def make_optimizer(config, schedule: optax.Schedule,
     ``weight_decay_mask``: pytree of bools or a callable params -> pytree (default: the
     model's ``emigm_jax.models.weight_decay_mask``).
     """
-    if weight_decay_mask is None:
-        from emigm_jax.models import weight_decay_mask as model_mask  # pylint: disable=import-outside-toplevel
-        weight_decay_mask = model_mask
+    weight_decay_mask = models.weight_decay_mask if weight_decay_mask is None else weight_decay_mask
     o = config.optim
     return optax.chain(
         optax.clip_by_global_norm(float(o.grad_clip)),
@@ -132,11 +131,6 @@ def init_train_state(params, optimizer: optax.GradientTransformation,
 _PREPARE_STREAM = 0x5EED  # fold_in tag: the input-encoding noise stream of a step
 
 
-def _global_norm(tree) -> jax.Array:
-    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
-    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
-
-
 def _split_microbatches(batch, k: int):
     """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i::k (no cross-device movement)."""
     def split(x):
@@ -153,10 +147,8 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
     something other than tokens (images from a folder/TFDS source: ``aux`` holds the frozen
     tokenizer weights that encode them).
     """
-    if loss_fn is None:
-        from emigm_jax.losses import loss_fn as model_loss  # pylint: disable=import-outside-toplevel
-        loss_fn = model_loss
-    accum = int(config.train.get("grad_accum", 1))
+    loss_fn = losses.loss_fn if loss_fn is None else loss_fn
+    accum = int(config.train.grad_accum)
     ema_decay = float(config.optim.ema_decay)
 
     def loss_and_grad(params, batch, rng):
@@ -185,23 +177,7 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
             (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
             loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
 
-        grad_norm = _global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                               state.ema_params, new_params)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            ema_params=keep(new_ema, state.ema_params),
-            opt_state=keep(new_opt, state.opt_state),
-            nonfinite_streak=streak,
-            nonfinite_max_streak=jnp.maximum(state.nonfinite_max_streak, streak),
-            nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
-        )
+        new_state, grad_norm, ok = apply_gradients(state, grads, loss, optimizer, ema_decay)
         out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
                    lr=jnp.asarray(schedule(state.step), jnp.float32),
@@ -209,6 +185,30 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
         return new_state, out
 
     return step_fn
+
+
+def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation,
+                    ema_decay: float) -> tuple[TrainState, jax.Array, jax.Array]:
+    """(new state, grad norm, ok): the optimizer and EMA update, skipped (state kept, streak
+    counted) when the loss or the gradient norm is not finite."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                           state.ema_params, new_params)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        ema_params=keep(new_ema, state.ema_params),
+        opt_state=keep(new_opt, state.opt_state),
+        nonfinite_streak=streak,
+        nonfinite_max_streak=jnp.maximum(state.nonfinite_max_streak, streak),
+        nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
+    )
+    return new_state, grad_norm, ok
 
 
 def state_shardings(abstract_state: TrainState, mesh, rules=()) -> TrainState:
@@ -323,12 +323,10 @@ def _setup(config, workdir: str, loss_fn, init_params_fn, weight_decay_mask,
     try:
         accepted = (workdir_lib.check_resume(config, workdir, accept_recipe_change)
                     if ckpt.all_steps() else [])
-        if init_params_fn is None:
-            from emigm_jax.models import init_params  # pylint: disable=import-outside-toplevel
-            init_params_fn = functools.partial(init_params, config)
+        init_params_fn = init_params_fn or functools.partial(models.init_params, config)
         mesh = shd.make_mesh(config.mesh)
-        accum = int(config.train.get("grad_accum", 1))
-        shd.check_batch_size(int(config.train.batch_size), mesh, grad_accum=accum)
+        shd.check_batch_size(int(config.train.batch_size), mesh,
+                             grad_accum=int(config.train.grad_accum))
         rules = shd.rules_from_config(config)
         data_iter, num_examples = pipeline.make_train_iterator(config)
         schedule = lr_schedule(config, num_examples)
@@ -342,9 +340,8 @@ def _setup(config, workdir: str, loss_fn, init_params_fn, weight_decay_mask,
             restored = (0, state)
         else:
             logging.info("resumed from step %d in %s", restored[0], ckpt.directory)
-        prepare, aux = (None, None)
-        if config.data.source in IMAGE_SOURCES:
-            prepare, aux = image_encoder(config, mesh)
+        prepare, aux = (image_encoder(config, mesh) if config.data.source in IMAGE_SOURCES
+                        else (None, None))
         step_fn = jit_train_step(make_train_step(config, optimizer, schedule, loss_fn, prepare),
                                  shardings, mesh,
                                  aux_sharding=shd.replicated(mesh) if aux is not None else None)
@@ -401,7 +398,6 @@ def _loop(config, workdir: str, run: _Run, hooks: Sequence[Hook], sample_fn,
     writer = workdir_lib.MetricWriter(workdir, resume_step=run.start)
     log_every = max(1, int(config.train.get("log_every", 100)))
     sample_every = int(config.train.get("sample_every", 0))
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=n_total, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     clock = workdir_lib.SegmentClock(workdir, run.start)
@@ -450,6 +446,5 @@ def _loop(config, workdir: str, run: _Run, hooks: Sequence[Hook], sample_fn,
 
 
 def _write_png(path: str, image: np.ndarray) -> None:
-    from PIL import Image  # pylint: disable=import-outside-toplevel
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(np.asarray(image, np.uint8)).save(path)

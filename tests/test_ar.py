@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emigm_jax import ar_sampling, losses
+from emigm_jax import losses
+from emigm_jax.sampling import ar as ar_sampling
 from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.models import build_model, init_params, random_params
 from emigm_jax.models.ar import init_cache

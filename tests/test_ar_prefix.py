@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emigm_jax import ar_prefix, ar_sampling, sampling
+from emigm_jax import sampling
+from emigm_jax.sampling import ar as ar_sampling
+from emigm_jax.sampling import ar_prefix
 from emigm_jax.config_validation import ConfigError
 from emigm_jax.models import random_params
 from tests.conftest import tiny_config

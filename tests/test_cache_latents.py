@@ -124,7 +124,7 @@ def test_cached_moments_equal_direct_encoding(cached, folder):
     """Record i is the tokenizer's moments of ADM-cropped image i and of its mirror image."""
     import jax
     from emigm_jax.data.preprocess import preprocess_image, to_model_range
-    from emigm_jax.tokenizers import tokenizer_from_config
+    from emigm_jax.convert.tokenizers import tokenizer_from_config
     cfg_file, cache_dir, _ = cached
     moments, _, m = _all_records(cache_dir)
     names = json.loads((cache_dir / cl.shard_names(1, 3)[1]).read_text())["names"][:3]

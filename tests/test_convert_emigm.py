@@ -364,7 +364,7 @@ def test_weights_selection_matches_reference_evaluation(tmp_path):
     config = tiny_config()
     model = TorchEMIGM(config, shared=True).randomize_(5)
     ckpt = official_training_checkpoint(model, args=None)
-    # The quirk (SPEC section 8): model_ema keeps the online value under 'mask_token'.
+    # The reference checkpoints' quirk: model_ema keeps the online value under 'mask_token'.
     assert torch.equal(ckpt["model_ema"]["mask_token"], ckpt["model"]["mask_token"])
     assert not torch.equal(ckpt["model_ema"]["fake_latent"], ckpt["model"]["fake_latent"])
     evaluated = reference_eval_state(config, ckpt)
@@ -422,7 +422,7 @@ def test_args_pick_config_and_overrides():
     assert config.model.cfg_mode == "fake_class" and config.mask.distribution == "uniform_count"
     assert overrides == ["model.width=1024", "model.enc_depth=16", "model.dec_depth=16",
                          "model.num_heads=16", "model.head_depth=8", "model.head_width=1280"]
-    assert conv._config_signature(config) == conv._config_signature(  # same tensor shapes
+    assert conv.config_signature(config) == conv.config_signature(  # same tensor shapes
         conv.load_config("emigm_l_256"))
     config, name, overrides = conv.config_from_args({"model": "mar_base", "img_size": 256,
                                                      "diffloss_d": 6, "diffloss_w": 1024})

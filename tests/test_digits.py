@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from emigm_jax.data import digits
-from emigm_jax.data import digits_metric as dm
+from emigm_jax.evaluation import digits_metric as dm
+from emigm_jax.evaluation.metrics import gaussian_stats
 from tests.multiprocess_worker import tiny_digits_config
 
 
@@ -71,7 +72,7 @@ def test_tokenizer_errors_name_the_problem():
     c = tiny_digits_config()
     c.model.num_classes = 1000
     with pytest.raises(ValueError, match="model.num_classes=10"):
-        digits.tokenizer_from_config(c)
+        digits.digits_tokenizer(c)
 
 
 def test_digits_source_matches_split_and_config():
@@ -90,12 +91,12 @@ def test_digits_source_matches_split_and_config():
 def test_gaussian_fit_is_float64_mean_and_unbiased_cov():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(50, 3)).astype(np.float32)
-    mu, cov = dm.gaussian_fit(f)
+    mu, cov = gaussian_stats(f)
     assert mu.dtype == np.float64 and cov.dtype == np.float64
     x = f.astype(np.float64)
     np.testing.assert_allclose(cov, (x - x.mean(0)).T @ (x - x.mean(0)) / 49, rtol=1e-12)
     with pytest.raises(ValueError, match="n >= 2"):
-        dm.gaussian_fit(f[:1])
+        gaussian_stats(f[:1])
 
 
 def test_score_real_images_sets_the_ceiling_and_noise_scores_badly():
@@ -166,7 +167,7 @@ def test_discrete_digits_configs_tokenise_pixels(name):
     from emigm_jax.models import seq_len
     c = importlib.import_module(f"configs.{name}").get_config()
     validate_config(c)
-    tok = digits.tokenizer_from_config(c)
+    tok = digits.digits_tokenizer(c)
     assert tok.discrete and seq_len(c) == 64 and c.model.vocab_size == digits.PIXEL_LEVELS == 17
     ex = digits.digits_source(c, "train")[0]
     assert ex["tokens"].shape == (64,) and ex["tokens"].dtype == np.int32
@@ -174,4 +175,4 @@ def test_discrete_digits_configs_tokenise_pixels(name):
                                   digits.load_digits_splits().train_images[0])
     c.model.vocab_size = 16
     with pytest.raises(ValueError, match="model.head='categorical' needs model.vocab_size=17"):
-        digits.tokenizer_from_config(c)
+        digits.digits_tokenizer(c)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from emigm_jax.diffusion import dpm_solver as dpm
-from emigm_jax.diffusion.dpm_solver import (DiscreteVPSchedule, LinearVPSchedule,
-                                            default_schedule, dpm_solver_sample, make_plan,
+from emigm_jax.diffusion.vp_schedule import DiscreteVPSchedule, LinearVPSchedule, default_schedule
+from emigm_jax.diffusion.dpm_solver import (dpm_solver_sample, make_plan,
                                             num_model_evals, singlestep_orders)
 from emigm_jax.diffusion.gaussian import get_named_beta_schedule
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from emigm_jax import main as main_lib
+from emigm_jax.evaluation import digits_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +80,7 @@ def test_sample_preset_is_applied_and_checked():
 
 def test_image_grid_layout():
     images = np.stack([np.full((8, 8), float(i)) for i in range(6)])
-    grid = main_lib.image_grid(images, rows=2, scale=2, pad=1)
+    grid = digits_report.digits_grid(images, rows=2, scale=2, pad=1)
     assert grid.shape == (2 * 17 + 1, 3 * 17 + 1) and grid.dtype == np.uint8
     # cell (row 1, col 2) is image 5 -> 5/16*255
     assert grid[1 + 17 + 3, 1 + 2 * 17 + 3] == int(5 / 16 * 255)

@@ -1,4 +1,4 @@
-"""The mask-prediction sampler (SPEC section 4): reveal counts, interval CFG and NFE, CFG
+"""The mask-prediction sampler: reveal counts, interval CFG and NFE, CFG
 schedules, categorical filters and confidence order, head buffers, DPM-Solver CFG, DDPM,
 compilation and sharding.
 
@@ -135,7 +135,7 @@ def test_expected_nfe_matches_spec_presets(num_iter, lo, hi, nfe):
     assert sampling.expected_nfe(sc) == num_iter  # scale 1: never an unconditional pass
 
 
-# SPEC section 4: (default preset NFE, named preset, its NFE).
+# eMIGM paper presets: (default preset NFE, named preset, its NFE).
 CONFIG_PRESETS = {
     "emigm_xs_256": (19, "iter128", 181), "emigm_s_256": (19, "iter128", 181),
     "emigm_b_256": (19, "iter128", 173), "emigm_l_256": (19, "iter128", 181),

@@ -1,4 +1,4 @@
-"""Companion-paper sampler switches (COMPANION.md sections 0-2), categorical head.
+"""Companion-paper sampler switches (DI and BAG papers), categorical head.
 
 Oracles: the default sampler itself (every off-switch must give the same tokens bit for
 bit from the same key), closed forms of the reveal rules (ceil(N gamma(s_k)) masked after

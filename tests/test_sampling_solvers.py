@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from emigm_jax import sampling
-from emigm_jax.config_validation import ConfigError
+from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.models import random_params, seq_len
 from tests.conftest import tiny_config
 
@@ -117,7 +117,7 @@ def test_z_cfg_scores_with_guidance_and_counts_the_pass():
 
 def test_bad_solver_values_are_named():
     with pytest.raises(ConfigError, match="sample.mgt_solver='rk4'"):
-        sampling.companion_options(cat_config(mgt_solver="rk4").sample)
+        validate_config(cat_config(mgt_solver="rk4"))
     with pytest.raises(ConfigError, match="sample.z_cfg=-1.0"):
         sampling.companion_options(cat_config(z_cfg=-1.0).sample)
     with pytest.raises(ConfigError, match="mgt_solver='momentum2' needs token probabilities"):

@@ -33,7 +33,7 @@ def test_gamma_closed_form_and_derivative(name):
 def test_boundaries(name):
     s = get_schedule(name)
     assert abs(float(s.gamma(np.float64(0.0), np))) < 1e-12
-    # exp reaches 1 - e^-5 ~ 0.9933 at t=1 (SPEC: gamma(1) ~ 1), every other schedule 1 exactly
+    # exp reaches 1 - e^-5 ~ 0.9933 at t=1 (gamma(1) ~ 1), every other schedule 1 exactly
     expected_end = 1 - math.exp(-5.0) if name == "exp" else 1.0
     assert abs(float(s.gamma(np.float64(1.0), np)) - expected_end) < 1e-12
     assert np.all(np.diff(s.gamma(T, np)) > 0)  # monotone increasing

@@ -115,8 +115,8 @@ def test_digits_sweep_writes_files_and_resumes(setup, tmp_path, monkeypatch, cap
     # Resumption: a rerun samples nothing; a grown grid samples only the new point. (The
     # stand-in sampler returns the real data's tokens: no compile for the new point.)
     from emigm_jax import sampling
-    from emigm_jax.data.digits import load_digits_splits, tokenizer_from_config
-    real = tokenizer_from_config(config).encode(load_digits_splits().train_images[:50])
+    from emigm_jax.data.digits import digits_tokenizer, load_digits_splits
+    real = digits_tokenizer(config).encode(load_digits_splits().train_images[:50])
     calls = []
 
     def counting(params_, labels, cfg, mesh_, seed):
@@ -147,8 +147,8 @@ def test_sweep_point_reproduces_the_sampler_and_the_scorer(setup):
     """The sweep's sampling loop is the training report's: same labels, batches and keys."""
     import jax
     from emigm_jax import sampling, sharding
-    from emigm_jax.data import digits_metric
-    from emigm_jax.data.digits import tokenizer_from_config
+    from emigm_jax.evaluation import digits_metric
+    from emigm_jax.data.digits import digits_tokenizer
     config, params, mesh = setup
     cfg = sw.GridPoint(2, 2.0, 0.0, 1.0).apply(config)
     labels = ds.digits_labels(20)
@@ -159,7 +159,7 @@ def test_sweep_point_reproduces_the_sampler_and_the_scorer(setup):
                                     cfg)
     np.testing.assert_allclose(tokens, np.asarray(ref)[:20], rtol=1e-5, atol=1e-5)
     assert info["nfe"] == int(ref_info["nfe"]) == sampling.expected_nfe(cfg.sample) == 4
-    images = tokenizer_from_config(cfg).decode(tokens)
+    images = digits_tokenizer(cfg).decode(tokens)
     assert images.shape == (20, 8, 8)
     s = digits_metric.score_samples(images, labels)
     assert 0.0 <= s["sample_class_accuracy"] <= 1.0

@@ -1,7 +1,7 @@
 """The shared converter helper (`convert.common`) and the tokenizer interface (`Tokenizer`)."""
 from __future__ import annotations
 
-import argparse
+import fractions
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ import pytest
 
 from emigm_jax.convert.common import (ConversionError, Rule, convert_state_dict, dotted_to_path,
                                       load_state_dict)
-from emigm_jax.tokenizers import build_tokenizer, moments_to_tokens_np, tokenizer_from_config
+from emigm_jax.convert.tokenizers import tokenizer_from_config
+from emigm_jax.tokenizers import build_tokenizer, moments_to_tokens_np
 
 TINY_KL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
                embed_dim=4)
@@ -87,7 +88,9 @@ def test_load_state_dict_formats(tmp_path):
         load_state_dict(tmp_path / "w.ckpt")
     with pytest.raises(KeyError, match="no entry 'ema'"):
         load_state_dict(tmp_path / "w.ckpt", key="ema")
-    torch.save({"model": {"a.weight": torch.ones(1)}, "args": argparse.Namespace(x=1)}, tmp_path / "p.pth")
+    # a pickled object outside the allow-list (argparse.Namespace is allowed: official args)
+    torch.save({"model": {"a.weight": torch.ones(1)}, "extra": fractions.Fraction(1, 3)},
+               tmp_path / "p.pth")
     with pytest.raises(ValueError, match="trusted_pickle"):
         load_state_dict(tmp_path / "p.pth", key="model")
     assert load_state_dict(tmp_path / "p.pth", key="model", trusted_pickle=True)["a.weight"].shape == (1,)

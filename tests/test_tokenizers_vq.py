@@ -447,7 +447,7 @@ def test_evaluation_decodes_sampled_code_ids():
 
     from emigm_jax import sharding
     from emigm_jax.evaluation.evaluate import make_decode_fn
-    from emigm_jax.tokenizers.registry import tokenizer_from_config
+    from emigm_jax.convert.tokenizers import tokenizer_from_config
     from tests.conftest import tiny_config
 
     c = tiny_config("categorical", "single")  # 16px, stride 4: 16 tokens over 7 codes

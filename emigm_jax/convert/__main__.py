@@ -23,6 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from emigm_jax.convert import emigm
 from emigm_jax.convert.emigm import WEIGHTS
 
 _SRC = flags.DEFINE_string("src", None, "Official checkpoint (.pth, or a flat .safetensors).")
@@ -45,7 +46,6 @@ def main(argv) -> None:
         raise app.UsageError("--src is required: the official .pth checkpoint to convert")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required: where the Orbax checkpoint goes")
-    from emigm_jax.convert import emigm  # pylint: disable=import-outside-toplevel
     try:
         converted = emigm.convert_checkpoint(_SRC.value, _CONFIG.value, weights=_WEIGHTS.value,
                                              trusted_pickle=_TRUSTED.value)

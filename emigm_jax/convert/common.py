@@ -29,10 +29,12 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from flax import traverse_util
+from flax import serialization, traverse_util
+
+from emigm_jax.convert.torch_io import load_pth
 
 Path = tuple[str, ...]
 
@@ -158,54 +160,22 @@ def convert_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule],
     tflat = flatten(target)
     out: dict[Path, np.ndarray] = {}
     filled_by: dict[Path, str] = {}
-    unexpected, unknown, mismatched, duplicates, bad_transform, ignored = [], [], [], [], [], []
+    problems = {title: [] for title in PROBLEM_SECTIONS}
+    ignored = []
     for key in sorted(state_dict):
-        match = rule = None
-        for rx, r in compiled:
-            match = rx.fullmatch(key)
-            if match:
-                rule = r
-                break
-        src = state_dict[key]
+        rule, match = _first_match(compiled, key)
         if rule is None:
-            unexpected.append(f"{key} {_shape_of(src)}")
-            continue
-        if rule.target is None:
+            problems["unexpected"].append(f"{key} {_shape_of(state_dict[key])}")
+        elif rule.target is None:
             ignored.append(key)
-            continue
-        path = dotted_to_path(match.expand(rule.target))
-        if path not in tflat:
-            unknown.append(f"{key} {_shape_of(src)} -> {'/'.join(path)}")
-            continue
-        if path in filled_by:
-            duplicates.append(f"{key} and {filled_by[path]} -> {'/'.join(path)}")
-            continue
-        if rule.transform not in TRANSFORMS:
-            raise ValueError(f"rule {rule} names unknown transform {rule.transform!r}; "
-                             f"expected one of {sorted(TRANSFORMS)}")
-        try:
-            arr = TRANSFORMS[rule.transform](to_numpy(src))
-        except ValueError as e:
-            bad_transform.append(f"{key}: {e}")
-            continue
-        tshape = _shape_of(tflat[path])
-        if _shape_of(arr) != tshape:
-            mismatched.append(f"{key} {_shape_of(src)} --{rule.transform}--> {_shape_of(arr)} "
-                              f"!= {'/'.join(path)} {tshape}")
-            continue
-        if cast_to_target_dtype and hasattr(tflat[path], "dtype"):
-            arr = arr.astype(tflat[path].dtype, copy=False)
-        out[path] = arr
-        filled_by[path] = key
-    missing = sorted(f"{'/'.join(p)} {_shape_of(v)}" for p, v in tflat.items() if p not in out)
-    msg = "".join([
-        _fmt_section("source keys matching no rule (unexpected)", unexpected),
-        _fmt_section("source keys mapped to a target the model does not have", unknown),
-        _fmt_section("shape mismatches", mismatched),
-        _fmt_section("transform errors", bad_transform),
-        _fmt_section("several source keys for one target", duplicates),
-        _fmt_section("target parameters not filled (missing)", missing),
-    ])
+        else:
+            done = _convert_key(key, state_dict[key], rule, match, tflat, filled_by, problems,
+                                cast_to_target_dtype)
+            if done is not None:
+                out[done[0]], filled_by[done[0]] = done[1], key
+    problems["missing"] = sorted(f"{'/'.join(p)} {_shape_of(v)}" for p, v in tflat.items()
+                                 if p not in out)
+    msg = "".join(_fmt_section(PROBLEM_SECTIONS[k], v) for k, v in problems.items())
     if msg:
         raise ConversionError(
             f"{what} does not match the model: {len(state_dict)} source tensors, "
@@ -216,18 +186,50 @@ def convert_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule],
     return tree
 
 
-def unconvert_names(rules: Sequence[Rule], keys: Iterable[str]) -> dict[str, Path]:
-    """Source key -> Flax path for each key (no tensors); handy for inspecting a table."""
-    compiled = [(re.compile(r.pattern), r) for r in rules]
-    result = {}
-    for key in keys:
-        for rx, r in compiled:
-            m = rx.fullmatch(key)
-            if m:
-                if r.target is not None:
-                    result[key] = dotted_to_path(m.expand(r.target))
-                break
-    return result
+PROBLEM_SECTIONS = {
+    "unexpected": "source keys matching no rule (unexpected)",
+    "unknown": "source keys mapped to a target the model does not have",
+    "mismatched": "shape mismatches",
+    "bad_transform": "transform errors",
+    "duplicates": "several source keys for one target",
+    "missing": "target parameters not filled (missing)",
+}
+
+
+def _first_match(compiled, key: str):
+    """(rule, match) of the first rule whose pattern fully matches ``key``, or (None, None)."""
+    for rx, r in compiled:
+        match = rx.fullmatch(key)
+        if match:
+            return r, match
+    return None, None
+
+
+def _convert_key(key, src, rule: Rule, match, tflat, filled_by, problems, cast: bool):
+    """(target path, array) for one source tensor, or None after noting the problem."""
+    path = dotted_to_path(match.expand(rule.target))
+    if path not in tflat:
+        problems["unknown"].append(f"{key} {_shape_of(src)} -> {'/'.join(path)}")
+        return None
+    if path in filled_by:
+        problems["duplicates"].append(f"{key} and {filled_by[path]} -> {'/'.join(path)}")
+        return None
+    if rule.transform not in TRANSFORMS:
+        raise ValueError(f"rule {rule} names unknown transform {rule.transform!r}; "
+                         f"expected one of {sorted(TRANSFORMS)}")
+    try:
+        arr = TRANSFORMS[rule.transform](to_numpy(src))
+    except ValueError as e:
+        problems["bad_transform"].append(f"{key}: {e}")
+        return None
+    tshape = _shape_of(tflat[path])
+    if _shape_of(arr) != tshape:
+        problems["mismatched"].append(f"{key} {_shape_of(src)} --{rule.transform}--> "
+                                      f"{_shape_of(arr)} != {'/'.join(path)} {tshape}")
+        return None
+    if cast and hasattr(tflat[path], "dtype"):
+        arr = arr.astype(tflat[path].dtype, copy=False)
+    return path, arr
 
 
 def run_converter(main: Callable[[], None]) -> None:
@@ -270,7 +272,6 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
         obj: Any = load_file(path)
     elif path.endswith((".ckpt", ".pt", ".pth", ".bin")):
-        from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
         obj = load_pth(path, trusted_pickle=trusted_pickle)  # one-line errors, pickle policy
     else:
         raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors, .ckpt, "
@@ -283,3 +284,12 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
                              f"key=... to select the state dict (top-level keys: {sorted(obj)[:20]})")
         out[k] = to_numpy(v)
     return out
+
+
+def write_variables(variables: Mapping[str, Any], dst: str) -> None:
+    """Writes converted Flax variables to ``dst`` (.msgpack) and prints the parameter count."""
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with open(dst, "wb") as f:
+        f.write(serialization.msgpack_serialize(variables))
+    n = sum(v.size for v in flatten(variables).values())
+    print(f"wrote {dst}: {n:,} parameters")

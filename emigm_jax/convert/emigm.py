@@ -1,7 +1,7 @@
 """Official eMIGM (and MAR) PyTorch checkpoints -> Flax parameters and an Orbax checkpoint.
 
-Layout of an official ``.pth`` (SPEC section 8): ``{'model', 'model_ema', 'optimizer',
-'epoch', 'scaler', 'args'}``; ``model``/``model_ema`` are flat state dicts in the module tree
+Layout of an official ``.pth`` (the reference code's checkpoints): ``{'model', 'model_ema',
+'optimizer', 'epoch', 'scaler', 'args'}``; ``model``/``model_ema`` are flat state dicts in the module tree
 of the reference ``models/emigm.py`` (timm ``Block``s, MAR's ``SimpleMLPAdaLN``), ``args`` the
 training ``argparse.Namespace``. Our Flax tree keeps the same names, so the mapping is a rule
 table (`emigm_rules`) applied by `emigm_jax.convert.common.convert_state_dict`, which refuses
@@ -45,40 +45,36 @@ from its true EMA (``model_ema['fake_latent']``), which the reference never eval
 MAR checkpoints (``LTH14/mar``) have the same module names but a separate ``mask_token``
 [1, 1, D] next to ``fake_latent`` [1, D]: they convert with ``cfg_mode='fake_class'``.
 
-Config choice: with ``args`` in the checkpoint the config is ``configs/emigm_<size>_<res>.py``
-for ``args.model`` / ``args.img_size``, with model fields overridden from ``args``
-(``diffloss_d`` -> ``head_depth`` ...). A given config is checked: the first tensor whose shape
-differs is named with both shapes, and the configs whose shapes do match are suggested.
+Config choice (``emigm_jax.convert.emigm_configs``): from ``args``, or a given config checked
+tensor by tensor, naming the first misfit and the configs whose shapes do fit.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import re
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from etils import epath
 
+from emigm_jax.checkpoint import Checkpointer
+from emigm_jax.config_files import load_config
 from emigm_jax.convert.common import (TRANSFORMS, ConversionError, Rule, convert_state_dict,
-                                      dotted_to_path, flatten, to_numpy)
+                                      dotted_to_path, flatten, load_state_dict, to_numpy)
+from emigm_jax.convert.emigm_configs import (CheckpointMismatchError, available_configs,
+                                             check_args_against_config, config_from_args,
+                                             config_signature, shape_signature)
+from emigm_jax.convert.torch_io import load_pth, namespace_to_dict
+from emigm_jax.models import param_shapes
 
 WEIGHTS = ("ema", "raw", "ema_all")
-
-# args.model of the reference scripts -> size tag of configs/emigm_<size>_<res>.py
-ARGS_MODEL_SIZES = {
-    "emigm_xsmall": "xs", "emigm_small": "s", "emigm_base": "b", "emigm_large": "l",
-    "emigm_huge": "h", "mar_base": "b", "mar_large": "l", "mar_huge": "h",
-}
-# args.mask_strategy -> mask.schedule
-MASK_STRATEGY_TO_SCHEDULE = {"cosine": "cosine", "linear": "linear", "poly-0.5": "sqrt",
-                             "exp": "exp", "log": "log_exp"}
-
 
 # ---------------------------------------------------------------------------------------------
 # The mapping table.
@@ -131,10 +127,6 @@ EMIGM_RULES = emigm_rules("mask_token")
 MAR_RULES = emigm_rules("fake_class")
 
 
-class CheckpointMismatchError(ConversionError):
-    """The checkpoint does not fit the requested config (names the first offending tensor)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading and weight selection.
 
@@ -153,7 +145,6 @@ def split_checkpoint(obj: Any) -> OfficialCheckpoint:
     A bare state dict (every value a tensor) is treated as ``model_ema``-like weights with no
     ``args``: ``weights='ema'`` takes it as is.
     """
-    from emigm_jax.convert.torch_io import namespace_to_dict  # pylint: disable=import-outside-toplevel
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint holds a {type(obj).__name__}; expected a dict with "
                          f"'model'/'model_ema' or a flat state dict")
@@ -176,9 +167,7 @@ def read_checkpoint(path: str | os.PathLike, *,
     """Reads a ``.pth`` (needs torch) or ``.safetensors`` (a flat state dict) file."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        from emigm_jax.convert.common import load_state_dict  # pylint: disable=import-outside-toplevel
         return split_checkpoint(load_state_dict(path))
-    from emigm_jax.convert.torch_io import load_pth  # pylint: disable=import-outside-toplevel
     return split_checkpoint(load_pth(path, trusted_pickle=trusted_pickle))
 
 
@@ -236,172 +225,6 @@ def select_weights(ckpt: OfficialCheckpoint, weights: str = "ema") -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs.
-
-def _configs_dir() -> str:
-    import configs  # pylint: disable=import-outside-toplevel
-    return os.path.dirname(os.path.abspath(configs.__file__))
-
-
-def load_config(spec: Any):
-    """A ConfigDict, a config name (``emigm_xs_256``) or a path to a config file."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return spec
-    spec = os.fspath(spec)
-    if spec.endswith(".py") or os.sep in spec:
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"config file not found: {spec!r}")
-        module_spec = importlib.util.spec_from_file_location("_emigm_convert_config", spec)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(f"configs.{spec}")
-        except ModuleNotFoundError as e:
-            raise ValueError(f"no config named {spec!r} (looked for configs/{spec}.py; "
-                             f"available: {', '.join(available_configs())})") from e
-    config = module.get_config()
-    if "name" not in config or not config.name:
-        with config.unlocked():
-            config.name = os.path.splitext(os.path.basename(spec))[0]
-    return config
-
-
-def available_configs() -> list[str]:
-    """Config names under configs/ that describe a diffusion-head model (not base)."""
-    names = []
-    for f in sorted(glob.glob(os.path.join(_configs_dir(), "*.py"))):
-        n = os.path.splitext(os.path.basename(f))[0]
-        if n in ("__init__", "base"):
-            continue
-        with open(f, encoding="utf-8") as fh:
-            if "def get_config" in fh.read():  # skip helper modules (size tables)
-                names.append(n)
-    return names
-
-
-def _args_overrides(args: Mapping[str, Any]) -> dict[str, Any]:
-    """Config fields (dotted) implied by a training run's args; only keys args actually has."""
-    o: dict[str, Any] = {}
-    model = str(args.get("model", ""))
-    mar = model.startswith("mar_")
-
-    def put(field, key, fn=lambda v: v):
-        if key in args and args[key] is not None:
-            o[field] = fn(args[key])
-
-    put("model.image_size", "img_size", int)
-    put("model.latent_channels", "vae_embed_dim", int)
-    put("model.latent_stride", "vae_stride", int)
-    put("model.patch_size", "patch_size", int)
-    put("model.head_depth", "diffloss_d", int)
-    put("model.head_width", "diffloss_w", int)
-    put("model.buffer_size", "buffer_size", int)
-    put("model.num_classes", "class_num", int)
-    put("model.attn_dropout", "attn_dropout", float)
-    put("model.proj_dropout", "proj_dropout", float)
-    put("model.label_drop_prob", "label_drop_prob", float)
-    put("model.diffusion_batch_mul", "diffusion_batch_mul", int)
-    o["model.cfg_mode"] = "mask_token" if bool(args.get("use_unsup_cfg", False)) else "fake_class"
-    if not bool(args.get("use_mae", True)):
-        o["model.arch"] = "single"
-        o["model.single_reference_semantics"] = True
-    else:
-        o["model.arch"] = "mae"
-    if not mar:  # MAR's masking and sampling recipe comes from configs/mar.py as is
-        put("mask.schedule", "mask_strategy", lambda v: MASK_STRATEGY_TO_SCHEDULE.get(v, v))
-        put("mask.t_min", "clamp_t_min", float)
-        if "use_weighted_loss" in args:
-            o["mask.weight"] = "mdm" if args["use_weighted_loss"] else "one"
-    return o
-
-
-def _get(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def _set(config, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    with config.unlocked():
-        node[leaf] = value
-
-
-def config_from_args(args: Mapping[str, Any]):
-    """The config file for ``args.model`` / ``args.img_size`` with model fields from ``args``.
-
-    eMIGM: ``configs/emigm_<size>_<img_size>.py``. MAR (``mar_base/large/huge``):
-    ``configs/mar.py`` (MAR's masking and sampling recipe, MAR-B size) with the transformer
-    size of ``emigm_<size>_256`` (MAR and eMIGM share the B/L/H sizes).
-    Returns (config, config file name, ["field=value" overrides that differ from the file]).
-    """
-    model = args.get("model")
-    if model not in ARGS_MODEL_SIZES:
-        raise ValueError(f"checkpoint args.model={model!r} is not a known eMIGM/MAR model "
-                         f"({', '.join(ARGS_MODEL_SIZES)}); pass --config")
-    img = int(args.get("img_size", 256))
-    size_name = f"emigm_{ARGS_MODEL_SIZES[model]}_{img}"
-    name = "mar" if model.startswith("mar_") else size_name
-    try:
-        config = load_config(name)
-        size = load_config(size_name) if name != size_name else config
-    except ValueError as e:
-        raise ValueError(f"checkpoint args.model={model!r}, img_size={img} would use "
-                         f"configs/{name}.py and configs/{size_name}.py; one does not exist; "
-                         f"pass --config (available: {', '.join(available_configs())})") from e
-    fields = {f"model.{k}": size.model[k] for k in
-              ("width", "enc_depth", "dec_depth", "num_heads", "head_depth", "head_width")}
-    fields.update(_args_overrides(args))
-    changed = []
-    for field, value in fields.items():
-        if _get(config, field) != value:
-            _set(config, field, value)
-            changed.append(f"{field}={value}")
-    if name != size_name:
-        with config.unlocked():
-            config.name = f"{model}_{img}"
-    return config, name, changed
-
-
-def check_args_against_config(args: Mapping[str, Any], config) -> list[str]:
-    """Errors for model semantics that shapes cannot reveal; returns notes on the rest.
-
-    Heads and arch change the function without changing any tensor shape, so they must match
-    ``args``; training-only fields (mask schedule, t_min...) only produce notes.
-    """
-    model = args.get("model")
-    if model in ARGS_MODEL_SIZES:
-        ref = load_config(f"emigm_{ARGS_MODEL_SIZES[model]}_256")
-        if int(config.model.num_heads) != int(ref.model.num_heads):
-            raise CheckpointMismatchError(
-                f"checkpoint args.model={model!r} has {ref.model.num_heads} attention heads but "
-                f"config.model.num_heads={config.model.num_heads} (heads do not show in tensor "
-                f"shapes); set --config.model.num_heads={ref.model.num_heads}")
-    notes = []
-    for field, value in _args_overrides(args).items():
-        have = _get(config, field)
-        if have == value:
-            continue
-        if field in ("model.arch", "model.single_reference_semantics"):
-            raise CheckpointMismatchError(
-                f"checkpoint args.use_mae={args.get('use_mae')} implies {field}={value!r} but the "
-                f"config has {have!r}; set --config.{field}={value}")
-        if field == "model.cfg_mode" and value == "mask_token":
-            notes.append("checkpoint shares mask token and fake class (use_unsup_cfg) but "
-                         "config.model.cfg_mode='fake_class': both Flax vectors get the shared "
-                         "value (same function; training would untie them)")
-            continue
-        notes.append(f"config {field}={have!r} differs from the checkpoint's training args "
-                     f"({value!r})")
-    return notes
-
-
-# ---------------------------------------------------------------------------------------------
 # Shape checks and suggestions.
 
 def target_shapes(config) -> dict:
@@ -413,9 +236,6 @@ def target_shapes(config) -> dict:
 def _param_shapes_cached(model_json: str):
     # Shapes depend on config.model only; tracing a large model takes seconds, and the
     # mismatch path checks several candidates, so memoise on the model section.
-    import ml_collections  # pylint: disable=import-outside-toplevel
-
-    from emigm_jax.models import param_shapes  # pylint: disable=import-outside-toplevel
     model = ml_collections.ConfigDict(json.loads(model_json))
     return param_shapes(ml_collections.ConfigDict({"model": model}))
 
@@ -468,38 +288,9 @@ def first_mismatch(sd: Mapping[str, np.ndarray], config, shapes=None) -> str | N
     return None
 
 
-def _signature(sd: Mapping[str, np.ndarray]) -> dict[str, int] | None:
-    """Model sizes readable from tensor shapes (None if the state dict is not eMIGM-like)."""
-    try:
-        count = lambda rx: len({k.split(".")[1] for k in sd if re.fullmatch(rx, k)})  # noqa: E731
-        return dict(
-            width=int(sd["class_emb.weight"].shape[1]),
-            num_classes=int(sd["class_emb.weight"].shape[0]),
-            token_dim=int(sd["z_proj.weight"].shape[1]),
-            seq_len=int(sd["diffusion_pos_embed_learned"].shape[1]),
-            total=int(sd["encoder_pos_embed_learned"].shape[1]),
-            enc_depth=count(r"encoder_blocks\.\d+\.norm1\.weight"),
-            dec_depth=count(r"decoder_blocks\.\d+\.norm1\.weight"),
-            head_width=int(sd["diffloss.net.cond_embed.weight"].shape[0]),
-            head_depth=len({k.split(".")[3] for k in sd
-                            if re.fullmatch(r"diffloss\.net\.res_blocks\.\d+\.in_ln\.weight", k)}),
-        )
-    except (KeyError, IndexError, AttributeError):
-        return None
-
-
-def _config_signature(config) -> dict[str, int]:
-    from emigm_jax.models import seq_len, token_dim  # pylint: disable=import-outside-toplevel
-    m = config.model
-    n = seq_len(config)
-    return dict(width=m.width, num_classes=m.num_classes, token_dim=token_dim(config), seq_len=n,
-                total=m.buffer_size + n, enc_depth=m.enc_depth, dec_depth=m.dec_depth,
-                head_width=m.head_width, head_depth=m.head_depth)
-
-
 def suggest_configs(sd: Mapping[str, np.ndarray]) -> list[str]:
     """Configs under configs/ (with a cfg_mode override if needed) whose shapes fit ``sd``."""
-    sig = _signature(sd)
+    sig = shape_signature(sd)
     if sig is None:
         return []
     found = []
@@ -508,7 +299,7 @@ def suggest_configs(sd: Mapping[str, np.ndarray]) -> list[str]:
             config = load_config(name)
         except Exception:  # pylint: disable=broad-except
             continue
-        if config.model.get("head") != "diffusion" or _config_signature(config) != sig:
+        if config.model.get("head") != "diffusion" or config_signature(config) != sig:
             continue
         for mode in ("mask_token", "fake_class") if config.model.cfg_mode == "mask_token" \
                 else ("fake_class", "mask_token"):
@@ -538,7 +329,7 @@ def convert_weights(sd: Mapping[str, Any], config, *, shapes=None) -> dict:
         suggestions = suggest_configs(sd)
         hint = (f"configs whose shapes match this checkpoint: {', '.join(suggestions)}"
                 if suggestions else
-                f"no config under configs/ matches; the checkpoint has {_signature(sd)}")
+                f"no config under configs/ matches; the checkpoint has {shape_signature(sd)}")
         raise CheckpointMismatchError(f"{problem}.\n  {hint}")
     cfg_mode = config.model.cfg_mode
     variables = convert_state_dict(prepare_state_dict(sd, cfg_mode), emigm_rules(cfg_mode),
@@ -607,12 +398,6 @@ def save_orbax(workdir: str | os.PathLike, converted: Converted, *, step: int = 
     the file has them. There is no optimizer state, so it samples/evaluates but does not
     resume training. Also writes ``config.json`` and ``convert_info.json``.
     """
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from etils import epath  # pylint: disable=import-outside-toplevel
-
-    from emigm_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-
     workdir = os.path.abspath(os.fspath(workdir))
     ckpt = Checkpointer(epath.Path(workdir) / "checkpoints", keep=1, async_save=False)
     if ckpt.latest_step() is not None:
@@ -655,6 +440,7 @@ def sample_command(converted: Converted, workdir: str, config_path: str | None =
 
 __all__ = [
     "WEIGHTS", "EMIGM_RULES", "MAR_RULES", "emigm_rules", "CheckpointMismatchError",
+    "ConversionError", "config_signature", "flatten", "parameter_count",
     "OfficialCheckpoint", "split_checkpoint", "read_checkpoint", "is_shared", "select_weights",
     "load_config", "available_configs", "config_from_args", "check_args_against_config",
     "target_shapes", "first_mismatch", "suggest_configs", "convert_weights", "Converted",

@@ -24,7 +24,8 @@ from typing import Any, Mapping
 
 from flax import serialization
 
-from emigm_jax.convert.common import Rule, convert_state_dict, flatten, load_state_dict
+from emigm_jax.convert.common import (Rule, convert_state_dict, flatten, load_state_dict,
+                                      write_variables)
 from emigm_jax.tokenizers.sdvq import SD_VQ_F8, SDVQConfig, sdvq_variable_shapes
 
 SDVQ_RULES: tuple[Rule, ...] = (
@@ -63,11 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--key", default="state_dict", help="sub-dict holding the state dict")
     args = p.parse_args(argv)
     variables = load_sdvq(args.src, SD_VQ_F8, key=args.key)
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    with open(args.dst, "wb") as f:
-        f.write(serialization.msgpack_serialize(variables))
-    n = sum(v.size for v in flatten(variables).values())
-    print(f"wrote {args.dst}: {n:,} parameters")
+    write_variables(variables, args.dst)
 
 
 if __name__ == "__main__":

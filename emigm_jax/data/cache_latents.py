@@ -4,7 +4,7 @@ r"""Encode an image dataset once into tokenizer "moments" (image and its flip), 
       --config.data.path=/data/imagenet --config.tokenizer.path=/ckpt/kl16.ckpt \
       --cache_dir=/data/imagenet_kl16_256 [--source=folder|tfds] [--labels=labels.txt]
 
-What is stored (SPEC section 3): per image, an array [2, K, h, w, C] — index 0 the image,
+What is stored: per image, an array [2, K, h, w, C] — index 0 the image,
 1 its horizontal flip; K = 2 (posterior mean, clamped log-variance) for KL-16, K = 1 (the
 latent) for the deterministic DC-AE. No scale factor is applied: training multiplies by
 ``tokenizer.scale`` (`emigm_jax.data.latent_dataset`).
@@ -34,9 +34,15 @@ import os
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
+
+from emigm_jax.convert.tokenizers import tokenizer_from_config
+from emigm_jax.data import sources
+from emigm_jax.tokenizers import build_tokenizer
 
 MANIFEST = "manifest.json"
 SETTINGS = "cache_settings.json"
@@ -150,12 +156,6 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
 
     ``records``/``variables`` inject a record source / tokenizer weights (tests).
     """
-    import grain  # pylint: disable=import-outside-toplevel
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    from emigm_jax.data import sources  # pylint: disable=import-outside-toplevel
-    from emigm_jax.tokenizers import build_tokenizer, tokenizer_from_config  # pylint: disable=import-outside-toplevel
-
     if per_device_batch <= 0 or shard_size <= 0:
         raise ValueError(f"batch size {per_device_batch} and shard size {shard_size} must be > 0")
     out_dtype = storage_dtype(dtype)
@@ -178,15 +178,7 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
     os.makedirs(cache_dir, exist_ok=True)
 
     settings = _settings(config, tok, n, shard_size, dtype, source, split, record_shape)
-    spath = os.path.join(cache_dir, SETTINGS)
-    if os.path.isfile(spath):
-        old = _read_json(spath)
-        if old != settings:
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            raise ValueError(f"{cache_dir!r} holds a cache made with different settings "
-                             f"(existing, requested): {diff}; use another --cache_dir")
-    else:
-        _write_json(spath, settings)
+    _check_or_write_settings(cache_dir, settings)
 
     mine = [s for s in range(num_shards) if s % nproc == pid]
     pending = [s for s in mine if shard_done(cache_dir, s, num_shards) is None]
@@ -196,27 +188,8 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
           f"process's {len(mine)} shards already done", flush=True)
 
     if pending:
-        mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-        batch = per_device_batch * len(jax.local_devices())
-        encode, variables = make_encode_fn(tok, variables, out_dtype, mesh)
-        print(f"encoding on {len(jax.local_devices())} local devices ({jax.local_devices()[0].platform}),"
-              f" {batch} images (+ flips) per step", flush=True)
-        indices = [i for s in pending for i in range(s * shard_size, min((s + 1) * shard_size, n))]
-        decoded = iter(
-            grain.MapDataset.source(indices)
-            .map(lambda i: sources.decode_record(records, i, image_size))
-            .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                               prefetch_buffer_size=max(2 * batch, 64))))
-        bar = tqdm(total=len(indices), unit="img", desc="encoding", disable=pid != 0)
-        for s in pending:
-            lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-            latents, labels, names, skipped = _encode_shard(
-                decoded, hi - lo, encode, variables, batch, image_size, record_shape, out_dtype, bar)
-            rec, meta = (os.path.join(cache_dir, f) for f in shard_names(s, num_shards))
-            write_array_record(rec, latents)
-            _write_json(meta, dict(shard=s, count=len(labels), first_index=lo, last_index=hi,
-                                   labels=labels, names=names, skipped=skipped))
-        bar.close()
+        _encode_pending(pending, records, tok, variables, cache_dir, num_shards, n, shard_size,
+                        per_device_batch, num_threads, out_dtype, image_size, record_shape)
 
     if nproc > 1:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -224,6 +197,47 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
     if pid != 0:
         return None
     return write_manifest(cache_dir, settings, num_shards, tok, records)
+
+
+def _check_or_write_settings(cache_dir: str, settings: dict) -> None:
+    """A cache is only extended with the settings it was started with."""
+    spath = os.path.join(cache_dir, SETTINGS)
+    if not os.path.isfile(spath):
+        _write_json(spath, settings)
+        return
+    old = _read_json(spath)
+    if old != settings:
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        raise ValueError(f"{cache_dir!r} holds a cache made with different settings "
+                         f"(existing, requested): {diff}; use another --cache_dir")
+
+
+def _encode_pending(pending, records, tok, variables, cache_dir: str, num_shards: int, n: int,
+                    shard_size: int, per_device_batch: int, num_threads: int, out_dtype,
+                    image_size: int, record_shape) -> None:
+    """Encodes and writes the ``pending`` shards of this process on its local devices."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+    batch = per_device_batch * len(jax.local_devices())
+    encode, variables = make_encode_fn(tok, variables, out_dtype, mesh)
+    print(f"encoding on {len(jax.local_devices())} local devices "
+          f"({jax.local_devices()[0].platform}), {batch} images (+ flips) per step", flush=True)
+    indices = [i for s in pending for i in range(s * shard_size, min((s + 1) * shard_size, n))]
+    decoded = iter(
+        grain.MapDataset.source(indices)
+        .map(lambda i: sources.decode_record(records, i, image_size))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                           prefetch_buffer_size=max(2 * batch, 64))))
+    bar = tqdm(total=len(indices), unit="img", desc="encoding",
+               disable=jax.process_index() != 0)
+    for s in pending:
+        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+        latents, labels, names, skipped = _encode_shard(
+            decoded, hi - lo, encode, variables, batch, image_size, record_shape, out_dtype, bar)
+        rec, meta = (os.path.join(cache_dir, f) for f in shard_names(s, num_shards))
+        write_array_record(rec, latents)
+        _write_json(meta, dict(shard=s, count=len(labels), first_index=lo, last_index=hi,
+                               labels=labels, names=names, skipped=skipped))
+    bar.close()
 
 
 def _encode_shard(decoded, count: int, encode, variables, batch: int, image_size: int,

@@ -2,7 +2,7 @@
 
 Why this dataset: it ships inside scikit-learn (no download), is small enough to train a
 class-conditional eMIGM on two CPU cores in minutes, and is easy to score (a classifier on
-the real images recognises the generated ones; see ``emigm_jax.data.digits_metric``).
+the real images recognises the generated ones; see ``emigm_jax.evaluation.digits_metric``).
 
 Data: 1797 grey images, 8x8, integer pixels 0..16, 10 classes. A fixed, stratified, seeded
 split holds out ``test_fraction`` of the images (default 20%: 1437 train / 360 test).
@@ -140,7 +140,7 @@ class DigitsTokenizer:
         return np.clip(x, 0.0, PIXEL_MAX) if clip else x
 
 
-def tokenizer_from_config(config) -> DigitsTokenizer:
+def digits_tokenizer(config) -> DigitsTokenizer:
     """The digits tokenizer a config's model expects: discrete pixels for the categorical
     head, continuous patches (size ``model.patch_size``) for the diffusion head."""
     m = config.model
@@ -190,7 +190,7 @@ def digits_source(config, split: str = "train") -> ArraySource:
         raise ValueError(f"digits split={split!r}; expected 'train' or 'test'")
     splits = load_digits_splits(float(config.data.get("test_fraction", 0.2)),
                                 int(config.data.get("split_seed", 0)))
-    tok = tokenizer_from_config(config)
+    tok = digits_tokenizer(config)
     images = splits.train_images if split == "train" else splits.test_images
     labels = splits.train_labels if split == "train" else splits.test_labels
     return ArraySource(tokens=tok.encode(images), label=labels)

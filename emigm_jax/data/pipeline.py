@@ -23,7 +23,10 @@ import logging
 from typing import Any, Callable, Sequence
 
 import grain
+import jax
 import numpy as np
+
+from emigm_jax.data import digits
 
 SOURCES = ("digits", "folder", "tfds", "cached")
 # Where the non-embedded sources live (written alongside this module). Each module provides
@@ -151,7 +154,6 @@ def make_source(config, split: str = "train"):
     if name not in SOURCES:
         raise ValueError(f"config.data.source={name!r} is invalid: expected one of {SOURCES}")
     if name == "digits":
-        from emigm_jax.data import digits  # pylint: disable=import-outside-toplevel
         return digits.digits_source(config, split)
     return _plugin(name).make_source(config, split)
 
@@ -169,7 +171,6 @@ def make_train_iterator(config, *, process_index: int | None = None,
                         process_count: int | None = None):
     """(iterator, num_train_examples) for training on the current process."""
     if process_index is None or process_count is None:
-        import jax  # pylint: disable=import-outside-toplevel
         process_index, process_count = jax.process_index(), jax.process_count()
     source = make_source(config, "train")
     ds = build_dataset(

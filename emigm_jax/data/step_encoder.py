@@ -6,6 +6,8 @@ from typing import Any, Callable
 import jax
 
 from emigm_jax import sharding as shd
+from emigm_jax.convert.tokenizers import tokenizer_from_config
+from emigm_jax.models import seq_len, token_dim
 
 IMAGE_SOURCES = ("folder", "tfds")  # pipelines that yield images, encoded in the step
 PrepareFn = Callable[[Any, Any, jax.Array], Any]  # (aux, batch, rng) -> batch with 'tokens'
@@ -19,8 +21,6 @@ def image_encoder(config, mesh) -> tuple[PrepareFn, Any]:
     (``emigm_jax.data.cache_latents``, ``data.source='cached'``) is much cheaper for
     multi-epoch training; this path is for quick runs and new datasets.
     """
-    from emigm_jax.models import seq_len, token_dim  # pylint: disable=import-outside-toplevel
-    from emigm_jax.tokenizers.registry import tokenizer_from_config  # pylint: disable=import-outside-toplevel
 
     tok, variables = tokenizer_from_config(config)
     grid = tok.latent_shape(int(config.data.image_size))

@@ -46,141 +46,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emigm_jax.diffusion.gaussian import get_named_beta_schedule
+from emigm_jax.diffusion.vp_schedule import NoiseScheduleVP, default_schedule
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [M, C], t_model [M]) -> eps [M, C]
 
 METHODS = ("singlestep", "multistep", "singlestep_fixed")
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
 SOLVER_TYPES = ("dpmsolver", "taylor")
-
-
-# ============================================================================ schedules
-class NoiseScheduleVP:
-    """VP noise schedule: q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I), alpha^2 + sigma^2 = 1.
-
-    Subclasses define ``marginal_log_mean_coeff`` and ``inverse_lambda``. Every method takes
-    an array module ``xp`` (numpy float64 on the host by default; ``jax.numpy`` works too).
-    Instances hash by identity, so they can be static arguments / cache keys.
-    """
-
-    T: float = 1.0
-    total_N: int = 1000
-
-    def marginal_log_mean_coeff(self, t, xp=np):
-        raise NotImplementedError
-
-    def inverse_lambda(self, lamb, xp=np):
-        raise NotImplementedError
-
-    def model_time(self, t, xp=np):
-        """Continuous time -> the time value the network is given."""
-        return t
-
-    @property
-    def default_t_end(self) -> float:
-        return 1.0 / self.total_N
-
-    def marginal_alpha(self, t, xp=np):
-        return xp.exp(self.marginal_log_mean_coeff(t, xp))
-
-    def marginal_std(self, t, xp=np):
-        return xp.sqrt(1.0 - xp.exp(2.0 * self.marginal_log_mean_coeff(t, xp)))
-
-    def marginal_lambda(self, t, xp=np):
-        """Half log-SNR: log alpha_t - log sigma_t."""
-        log_mean = self.marginal_log_mean_coeff(t, xp)
-        return log_mean - 0.5 * xp.log(1.0 - xp.exp(2.0 * log_mean))
-
-
-def _interp(x, xp_keys, yp, xp=np):
-    """Piecewise-linear y(x) through increasing keypoints, extrapolating the end segments."""
-    K = xp_keys.shape[0]
-    idx = xp.clip(xp.searchsorted(xp_keys, x, side="right") - 1, 0, K - 2)
-    x0, x1 = xp_keys[idx], xp_keys[idx + 1]
-    y0, y1 = yp[idx], yp[idx + 1]
-    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
-
-
-class DiscreteVPSchedule(NoiseScheduleVP):
-    """The reference's ``NoiseScheduleVP('discrete', betas=...)`` with lambda clipping.
-
-    Default: the 1000-step iDDPM cosine betas, truncated to N = 996 steps.
-    """
-
-    def __init__(self, betas: np.ndarray | None = None, alphas_cumprod: np.ndarray | None = None,
-                 clipped_lambda: float | None = -5.1, table_dtype: Any = np.float32):
-        if betas is None and alphas_cumprod is None:
-            betas = get_named_beta_schedule("cosine", 1000)
-        if betas is not None:
-            log_alphas = 0.5 * np.cumsum(np.log(1.0 - np.asarray(betas, np.float64)))
-        else:
-            log_alphas = 0.5 * np.log(np.asarray(alphas_cumprod, np.float64))
-        self.num_dropped = 0
-        if clipped_lambda is not None:
-            log_sigmas = 0.5 * np.log(1.0 - np.exp(2.0 * log_alphas))
-            lambs = log_alphas - log_sigmas
-            # number of trailing steps with lambda < clipped_lambda (searchsorted on the
-            # increasing, flipped lambda array, left side: as the reference)
-            idx = int(np.searchsorted(lambs[::-1], clipped_lambda))
-            if idx > 0:
-                log_alphas = log_alphas[:-idx]
-            self.num_dropped = idx
-        self.log_alpha_array = np.asarray(log_alphas.astype(table_dtype), np.float64)
-        self.total_N = int(self.log_alpha_array.shape[0])
-        self.t_array = np.linspace(0.0, 1.0, self.total_N + 1)[1:]
-        self.T = 1.0
-
-    def __repr__(self) -> str:
-        return f"DiscreteVPSchedule(total_N={self.total_N}, dropped={self.num_dropped})"
-
-    def marginal_log_mean_coeff(self, t, xp=np):
-        return _interp(t, xp.asarray(self.t_array), xp.asarray(self.log_alpha_array), xp)
-
-    def inverse_lambda(self, lamb, xp=np):
-        log_alpha = -0.5 * xp.logaddexp(0.0, -2.0 * lamb)
-        return _interp(log_alpha, xp.asarray(self.log_alpha_array[::-1].copy()),
-                       xp.asarray(self.t_array[::-1].copy()), xp)
-
-    def model_time(self, t, xp=np):
-        """(t - 1/N) * 1000: what the reference's model_wrapper feeds a discrete-time DPM."""
-        return (t - 1.0 / self.total_N) * 1000.0
-
-
-class LinearVPSchedule(NoiseScheduleVP):
-    """Continuous linear VP-SDE (beta(t) = beta_0 + t (beta_1 - beta_0)), analytic inverse."""
-
-    def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0):
-        self.beta_0, self.beta_1 = float(beta_0), float(beta_1)
-        self.T, self.total_N = 1.0, 1000
-
-    def __repr__(self) -> str:
-        return f"LinearVPSchedule(beta_0={self.beta_0}, beta_1={self.beta_1})"
-
-    def marginal_log_mean_coeff(self, t, xp=np):
-        return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
-
-    def inverse_lambda(self, lamb, xp=np):
-        db = self.beta_1 - self.beta_0
-        tmp = 2.0 * db * xp.logaddexp(-2.0 * lamb, 0.0)
-        delta = self.beta_0 ** 2 + tmp
-        return tmp / (xp.sqrt(delta) + self.beta_0) / db
-
-
-_DEFAULT_SCHEDULE: list[DiscreteVPSchedule] = []
-
-
-def default_schedule() -> DiscreteVPSchedule:
-    """The head's solver schedule (cosine, 1000 -> 996 steps); one cached instance."""
-    if not _DEFAULT_SCHEDULE:
-        _DEFAULT_SCHEDULE.append(DiscreteVPSchedule())
-    return _DEFAULT_SCHEDULE[0]
 
 
 # ============================================================================ time grids
@@ -384,14 +262,8 @@ def _eval_point(ns, t: float) -> np.ndarray:
     return np.array([ns.model_time(t), ns.marginal_alpha(t), ns.marginal_std(t)], np.float64)
 
 
-@functools.lru_cache(maxsize=64)
-def make_plan(schedule: NoiseScheduleVP | None = None, steps: int = 8, order: int = 3,
-              method: str = "singlestep", skip_type: str = "logSNR",
-              t_start: float | None = None, t_end: float | None = None,
-              lower_order_final: bool = True, solver_type: str = "dpmsolver",
-              denoise_to_zero: bool = False) -> DPMSolverPlan:
-    """Everything time-dependent of a DPM-Solver++ run, computed on the host (cached)."""
-    ns = default_schedule() if schedule is None else schedule
+def _check_plan_args(method: str, skip_type: str, solver_type: str, order: int,
+                     steps: int) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if skip_type not in SKIP_TYPES:
@@ -402,43 +274,70 @@ def make_plan(schedule: NoiseScheduleVP | None = None, steps: int = 8, order: in
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+@functools.lru_cache(maxsize=64)
+def make_plan(schedule: NoiseScheduleVP | None = None, steps: int = 8, order: int = 3,
+              method: str = "singlestep", skip_type: str = "logSNR",
+              t_start: float | None = None, t_end: float | None = None,
+              lower_order_final: bool = True, solver_type: str = "dpmsolver",
+              denoise_to_zero: bool = False) -> DPMSolverPlan:
+    """Everything time-dependent of a DPM-Solver++ run, computed on the host (cached)."""
+    ns = default_schedule() if schedule is None else schedule
+    _check_plan_args(method, skip_type, solver_type, order, steps)
     t_T = ns.T if t_start is None else float(t_start)
     t_0 = ns.default_t_end if t_end is None else float(t_end)
     if not (t_0 > 0 and t_T > t_0):
         raise ValueError(f"need t_start > t_end > 0, got t_start={t_T}, t_end={t_0}")
     final = _eval_point(ns, t_0) if denoise_to_zero else None
+    final = None if final is None else final.astype(np.float32)
     nfe = num_model_evals(steps, order, method, denoise_to_zero)
-
     if method == "multistep":
-        orders = multistep_orders(steps, order, lower_order_final)
-        ts = get_time_steps(ns, skip_type, t_T, t_0, steps)
-        a, b, evals = [], [], []
-        for step in range(1, steps + 1):
-            t_prev = list(ts[max(0, step - order):step])
-            ai, bi = _multistep_coefficients(ns, t_prev, ts[step], orders[step - 1], order,
-                                             solver_type)
-            a.append(ai)
-            b.append(bi)
-            if step < steps:
-                evals.append(_eval_point(ns, ts[step]))
-        ms = _Multistep(hist=order, init=_eval_point(ns, ts[0]).astype(np.float32),
-                        a=np.asarray(a, np.float32), b=np.asarray(b, np.float32),
-                        evals=np.asarray(evals, np.float32).reshape(-1, 3))
-        return DPMSolverPlan(method, tuple(orders), ts, nfe, multistep=ms,
-                             final=None if final is None else final.astype(np.float32))
+        orders, ts, ms = _multistep_plan(ns, steps, order, skip_type, t_T, t_0,
+                                         lower_order_final, solver_type)
+        return DPMSolverPlan(method, tuple(orders), ts, nfe, multistep=ms, final=final)
+    orders, outer = _singlestep_grid(ns, method, steps, order, skip_type, t_T, t_0)
+    stages = _singlestep_stages(ns, orders, outer, skip_type, solver_type)
+    return DPMSolverPlan(method, tuple(orders), np.asarray(outer), nfe, stages=stages,
+                         final=final)
 
+
+def _multistep_plan(ns, steps: int, order: int, skip_type: str, t_T: float, t_0: float,
+                    lower_order_final: bool, solver_type: str):
+    """(orders, time grid, _Multistep coefficients) of a multistep run."""
+    orders = multistep_orders(steps, order, lower_order_final)
+    ts = get_time_steps(ns, skip_type, t_T, t_0, steps)
+    a, b, evals = [], [], []
+    for step in range(1, steps + 1):
+        t_prev = list(ts[max(0, step - order):step])
+        ai, bi = _multistep_coefficients(ns, t_prev, ts[step], orders[step - 1], order,
+                                         solver_type)
+        a.append(ai)
+        b.append(bi)
+        if step < steps:
+            evals.append(_eval_point(ns, ts[step]))
+    ms = _Multistep(hist=order, init=_eval_point(ns, ts[0]).astype(np.float32),
+                    a=np.asarray(a, np.float32), b=np.asarray(b, np.float32),
+                    evals=np.asarray(evals, np.float32).reshape(-1, 3))
+    return orders, ts, ms
+
+
+def _singlestep_grid(ns, method: str, steps: int, order: int, skip_type: str, t_T: float,
+                     t_0: float):
+    """(orders, outer time grid [len(orders) + 1]) of a singlestep run."""
     if method == "singlestep":
         orders = singlestep_orders(steps, order)
         if skip_type == "logSNR":
-            outer = get_time_steps(ns, skip_type, t_T, t_0, len(orders))
-        else:
-            outer = get_time_steps(ns, skip_type, t_T, t_0, steps)[np.cumsum([0] + orders)]
-    else:  # singlestep_fixed
-        orders = [order] * (steps // order)
-        if not orders:
-            raise ValueError(f"singlestep_fixed needs steps >= order, got {steps} < {order}")
-        outer = get_time_steps(ns, skip_type, t_T, t_0, len(orders))
+            return orders, get_time_steps(ns, skip_type, t_T, t_0, len(orders))
+        return orders, get_time_steps(ns, skip_type, t_T, t_0, steps)[np.cumsum([0] + orders)]
+    orders = [order] * (steps // order)  # singlestep_fixed
+    if not orders:
+        raise ValueError(f"singlestep_fixed needs steps >= order, got {steps} < {order}")
+    return orders, get_time_steps(ns, skip_type, t_T, t_0, len(orders))
 
+
+def _singlestep_stages(ns, orders, outer, skip_type: str, solver_type: str) -> tuple:
+    """Per-step coefficients, grouped in runs of equal order (one lax.scan per run)."""
     per_step = []
     for i, k in enumerate(orders):
         s, t = float(outer[i]), float(outer[i + 1])
@@ -450,10 +349,9 @@ def make_plan(schedule: NoiseScheduleVP | None = None, steps: int = 8, order: in
         times, st_a, st_b, out_a, out_b = _step_coefficients(ns, s, t, k, r1, r2, solver_type)
         per_step.append((k, np.stack([_eval_point(ns, v) for v in times]), st_a, st_b, out_a,
                          out_b))
-
     stages = []
     i = 0
-    while i < len(per_step):  # group runs of equal order so each run is one lax.scan
+    while i < len(per_step):
         j = i
         while j < len(per_step) and per_step[j][0] == per_step[i][0]:
             j += 1
@@ -466,8 +364,7 @@ def make_plan(schedule: NoiseScheduleVP | None = None, steps: int = 8, order: in
             stage_b=f32([r[3] for r in run]), out_a=f32([r[4] for r in run]),
             out_b=f32([r[5] for r in run])))
         i = j
-    return DPMSolverPlan(method, tuple(orders), np.asarray(outer), nfe, stages=tuple(stages),
-                         final=None if final is None else final.astype(np.float32))
+    return tuple(stages)
 
 
 # ============================================================================ sampling

@@ -9,17 +9,9 @@ ADM-format sample batch (arr_0 uint8, arr_1 labels), which the official ADM eval
 Labels: `num_images` class-balanced labels (50 per class for 50K / 1000 classes, as in the
 reference code), in a seeded random order so every Inception Score split sees all classes.
 
-Config (`config.eval`, all optional except inception_path):
-  inception_path   pt_inception-2015-12-05-6726825d.pth or a converted .msgpack
-  reference_path   ADM reference batch (VIRTUAL_imagenet256_labeled.npz): FID, sFID, P/R
-  fid_stats_path   FID-only stats (fid_stats_imagenet256_guided_diffusion.npz): FID
-  preprocess       'adm' (default; matches both reference files) | 'pytorch_fid'
-  num_images       0 -> config.sample.num_images
-  cache_dir        where reference pool3 features are cached ('' -> next to the file)
-  save_npz         write the samples as an ADM sample batch
-  inception_size   Inception input size (299; tests shrink it)
-When both reference files are given, `fid` is against the ADM batch and `fid_stats_fid`
-against the FID-only file (the reference code's number).
+Settings: `config.eval` (fields documented in configs/base.py). When both reference files
+are given, `fid` is against the ADM batch and `fid_stats_fid` against the FID-only file
+(the reference code's number).
 """
 from __future__ import annotations
 
@@ -35,10 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from PIL import Image
+
+from emigm_jax import sharding as shd
 from emigm_jax.evaluation.inception import INCEPTION_SIZE, make_feature_fn
 from emigm_jax.evaluation.metrics import RunningStats, frechet_distance
 from emigm_jax.evaluation.reference import (FeatureSummary, compute_metrics,
                                             load_reference_stats, reference_pool_features)
+from emigm_jax.sampling.generate import GenerationTimes, generate_batches, sample_batch_size
+from emigm_jax.convert.tokenizers import tokenizer_from_config
 
 EVAL_DEFAULTS = dict(inception_path="", reference_path="", fid_stats_path="", preprocess="adm",
                      num_images=0, cache_dir="", save_npz=False, inception_size=INCEPTION_SIZE,
@@ -70,17 +67,8 @@ def balanced_labels(num_images: int, num_classes: int, seed: int) -> np.ndarray:
     return labels[np.random.default_rng(seed).permutation(num_images)]
 
 
-def sample_batch_size(config, mesh) -> int:
-    """sample.batch_size rounded down to a multiple of the device count (at least one each)."""
-    n_dev = mesh.devices.size
-    bs = int(config.sample.batch_size)
-    return max(n_dev, bs - bs % n_dev)
-
-
 def make_decode_fn(config, mesh) -> Callable:
     """jitted tokens [B, N, C] (code ids [B, N]) -> uint8 images [B, H, W, 3] on the mesh."""
-    from emigm_jax import sharding as shd
-    from emigm_jax.tokenizers.registry import tokenizer_from_config
     if int(config.model.patch_size) != 1:
         raise NotImplementedError(f"model.patch_size={config.model.patch_size}: decoding "
                                   "expects one token per latent position (patch_size=1)")
@@ -106,53 +94,42 @@ def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_f
                          save_all: bool = False) -> tuple[FeatureSummary, dict]:
     """Samples `num_images` images and accumulates their Inception features.
 
-    Returns (summary, info) with info: nfe, sample_seconds, feature_seconds, labels,
-    images (the first `keep_images`, uint8 host array; all of them if save_all).
+    Returns (summary, info) with info: nfe, sample_seconds (sampling and decoding, compile
+    excluded), feature_seconds, labels, images (the first `keep_images`, uint8 host array;
+    all of them if save_all).
     """
-    from emigm_jax import sampling
-    from emigm_jax import sharding as shd
-    from emigm_jax.evaluation.inception import _to_host
-
     labels = balanced_labels(num_images, int(config.model.num_classes), seed)
-    bs = sample_batch_size(config, mesh)
-    rng = jax.random.key(seed)
     pool = spat = None
     pools, logits, kept = [], [], []
-    nfe, t_sample, t_feat = None, 0.0, 0.0
-    for start in range(0, num_images, bs):
-        chunk = labels[start:start + bs]
-        pad = np.concatenate([chunk, np.full(bs - len(chunk), chunk[-1], np.int32)])
-        glabels = jax.make_array_from_callback(pad.shape, shd.batch_sharding(mesh),
-                                               lambda idx, pad=pad: pad[idx])
+    nfe, t_decode, t_feat = None, 0.0, 0.0
+    times = GenerationTimes()
+    for batch in generate_batches(params, labels, config, mesh, seed, times=times,
+                                  desc="evaluate"):
         t0 = time.perf_counter()
-        tokens, info = sampling.sample(params, glabels, jax.random.fold_in(rng, start), config)
-        images = jax.block_until_ready(decode_fn(tokens))
+        images = jax.block_until_ready(decode_fn(batch.tokens))
         t1 = time.perf_counter()
         out = feature_fn(images)
         t_feat += time.perf_counter() - t1
-        t_sample += t1 - t0
-        nfe = int(jax.device_get(info["nfe"]))
-        n = len(chunk)
+        t_decode += t1 - t0
+        nfe, n = batch.nfe, batch.count
         if pool is None:
             pool = RunningStats.create(out["pool"].shape[1])
             spat = RunningStats.create(out["spatial"].shape[1])
-        pool = pool.update(out["pool"][:n])
-        spat = spat.update(out["spatial"][:n])
+        pool, spat = pool.update(out["pool"][:n]), spat.update(out["spatial"][:n])
         pools.append(out["pool"][:n])
         logits.append(out["logits_unbiased"][:n])
         if save_all or sum(len(k) for k in kept) < keep_images:
-            kept.append(_to_host(images)[:n])
-        logging.info("evaluate: %d/%d images", start + n, num_images)
+            kept.append(shd.to_host(images)[:n])
     imgs = np.concatenate(kept) if kept else np.zeros((0,), np.uint8)
-    if not save_all:
-        imgs = imgs[:keep_images]
     summary = FeatureSummary(pool, spat, np.concatenate(pools), np.concatenate(logits))
-    return summary, {"nfe": nfe, "sample_seconds": t_sample, "feature_seconds": t_feat,
-                     "labels": labels, "images": imgs}
+    return summary, {"nfe": nfe, "sample_seconds": times.sample_seconds + t_decode,
+                     "feature_seconds": t_feat, "labels": labels,
+                     "images": imgs if save_all else imgs[:keep_images]}
 
 
-def _reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag: str,
+def reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag: str,
                        batch_size: int = 250) -> dict:
+    """FID / sFID / IS / precision / recall of ``summary`` against the configured references."""
     out: dict[str, float] = {}
     ref_path, stats_path = settings["reference_path"], settings["fid_stats_path"]
     if ref_path:
@@ -175,7 +152,7 @@ def _reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag:
     return out
 
 
-def image_grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
+def preview_grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
     """uint8 [K, H, W, 3] -> one uint8 grid image (rows of `cols`)."""
     k, h, w, c = images.shape
     rows = -(-k // cols)
@@ -196,29 +173,28 @@ def run_tag(config, num_images: int) -> str:
             f"_{s.cfg_schedule}_{digest[:8]}")
 
 
-def evaluate(config, params, workdir: str, mesh, *,
-             inception_variables: Any = None) -> dict:
+def inception_tag(settings: dict) -> str:
+    """Names the Inception setup in cached reference features and sweep point keys."""
+    return (f"{os.path.basename(settings['inception_path']) or 'given'}|"
+            f"{settings['preprocess']}|{settings['inception_size']}")
+
+
+def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) -> dict:
     """Samples, scores and writes `<workdir>/eval/<tag>.json` (+ preview PNG, optional npz).
 
-    inception_variables: preloaded Inception variables (otherwise eval.inception_path).
+    inception_variables: the FID Inception's variables (the CLI loads them once from
+    ``eval.inception_path`` with ``emigm_jax.convert.inception``).
     """
     settings = eval_settings(config)
-    if inception_variables is None:
-        from emigm_jax.convert.inception import load_inception_variables
-        if not settings["inception_path"]:
-            raise ValueError("config.eval.inception_path is empty: point it at pytorch-fid's "
-                             "pt_inception-2015-12-05-6726825d.pth (or a converted .msgpack)")
-        inception_variables = load_inception_variables(settings["inception_path"])
     feature_fn = make_feature_fn(inception_variables, preprocess=settings["preprocess"],
                                  image_size=int(settings["inception_size"]), mesh=mesh)
-    tag = (f"{os.path.basename(settings['inception_path']) or 'given'}|{settings['preprocess']}"
-           f"|{settings['inception_size']}")
+    tag = inception_tag(settings)
     num_images = int(settings["num_images"])
     summary, info = sample_and_summarize(
         config, params, mesh, decode_fn=make_decode_fn(config, mesh), feature_fn=feature_fn,
         num_images=num_images, seed=int(config.seed) + 1, keep_images=int(settings["preview"]),
         save_all=bool(settings["save_npz"]))
-    metrics = _reference_metrics(summary, settings, feature_fn, tag,
+    metrics = reference_metrics(summary, settings, feature_fn, tag,
                                  batch_size=sample_batch_size(config, mesh))
     s = config.sample
     metrics.update({
@@ -235,9 +211,8 @@ def evaluate(config, params, workdir: str, mesh, *,
         with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
         if len(info["images"]):
-            from PIL import Image
             preview = info["images"][:int(settings["preview"])]
-            Image.fromarray(image_grid(preview)).save(os.path.join(out_dir, f"{name}.png"))
+            Image.fromarray(preview_grid(preview)).save(os.path.join(out_dir, f"{name}.png"))
         if settings["save_npz"]:
             np.savez(os.path.join(out_dir, f"{name}.npz"), arr_0=info["images"],
                      arr_1=info["labels"])

@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from emigm_jax import sharding as shd
+
 PREPROCESS_MODES = ("adm", "pytorch_fid", "none")
 INCEPTION_SIZE = 299
 NUM_LOGITS = 1008
@@ -358,7 +360,7 @@ def make_feature_fn(variables: Mapping[str, Any], *, preprocess: str = "adm",
             raise ValueError(f"batch size {images.shape[0]} is not a multiple of the "
                              f"{num_shards} batch shards; pad it with pad_batch()")
         out = fn(v, images)
-        return {k: _to_host(a) for k, a in out.items()}
+        return {k: shd.to_host(a) for k, a in out.items()}
 
     feature_fn.num_shards = num_shards  # type: ignore[attr-defined]
     return feature_fn
@@ -378,13 +380,6 @@ def _jitted_forward(preprocess, image_size, precision, outputs, mesh, axes):
         return jax.jit(forward)
     batch = NamedSharding(mesh, P(axes))
     return jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def pad_batch(images: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:

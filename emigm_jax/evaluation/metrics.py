@@ -114,6 +114,8 @@ class RunningStats(NamedTuple):
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of [N, D] features in float64 (ddof=1)."""
     f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need [n >= 2, F] features for a Gaussian fit, got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from emigm_jax.data.preprocess import preprocess_image
 from emigm_jax.evaluation.inception import FeatureFn, pad_batch
 from emigm_jax.evaluation.metrics import (RunningStats, frechet_distance, inception_score,
                                           precision_recall)
@@ -255,7 +256,6 @@ def iter_image_folder(folder: str, image_size: int, batch_size: int,
                       limit: int | None = None) -> Iterator[np.ndarray]:
     """uint8 [b, size, size, 3] batches of every image under `folder` (sorted, recursive),
     ADM-center-cropped like the training data (`data.preprocess`)."""
-    from emigm_jax.data.preprocess import preprocess_image
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
                    if f.endswith(IMAGE_EXTENSIONS))
     if not files:

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emigm_jax.buckets import count_ladder
 from emigm_jax.models.ar import ARGenerator
 from emigm_jax.models.generator import MaskedGenerator
 
@@ -24,6 +25,16 @@ def token_dim(config) -> int:
     return m.latent_channels * m.patch_size ** 2
 
 
+def encoder_ladder(config) -> tuple[int, ...]:
+    """Encoder capacity rungs (buffer + ceil(f * N) for f in ``model.encoder_buckets``, then
+    the full capacity); one rung when the ladder is off or the arch has no token dropping."""
+    m = config.model
+    top = m.encoder_capacity or m.buffer_size + seq_len(config)
+    if m.arch != "mae":
+        return (top,)
+    return count_ladder(seq_len(config), m.get("encoder_buckets", ()), m.buffer_size, top)
+
+
 def build_model(config) -> MaskedGenerator | ARGenerator:
     m = config.model
     if m.arch == "ar":
@@ -35,12 +46,10 @@ def build_model(config) -> MaskedGenerator | ARGenerator:
         attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout, arch=m.arch, head_type=m.head,
         cfg_mode=m.cfg_mode, head_depth=m.head_depth, head_width=m.head_width,
         vocab_size=m.vocab_size, encoder_capacity=m.encoder_capacity,
+        encoder_ladder=encoder_ladder(config),
         single_reference_semantics=m.single_reference_semantics,
-        block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
-        post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
-        head_mlp=m.get("head_mlp", True), time_cond=m.get("time_cond", "none"),
-        remat=m.remat,
-        dtype=DTYPES[m.dtype])
+        block=m.block, qk_norm=m.qk_norm, post_norm=m.post_norm, pos_emb=m.pos_emb,
+        head_mlp=m.head_mlp, time_cond=m.time_cond, remat=m.remat, dtype=DTYPES[m.dtype])
 
 
 def build_ar_model(config) -> ARGenerator:
@@ -108,7 +117,7 @@ def param_count(config) -> int:
 
 
 def weight_decay_mask(params):
-    """True where AdamW decays: >= 2-D parameters outside the diffusion head (SPEC section 3).
+    """True where AdamW decays: >= 2-D parameters outside the diffusion head (eMIGM paper, App. D).
 
     Mirrors the reference's rule (no decay on 1-D params, biases, norms, or anything under
     ``diffloss``); embeddings, position embeddings and the mask token are >= 2-D and decay.

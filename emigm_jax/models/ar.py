@@ -42,23 +42,23 @@ class ARGenerator(nn.Module):
     qk_norm: bool = False
     post_norm: bool = False
     pos_emb: str = "rope2d"
-    remat: bool = False
     dtype: Any = jnp.float32
+    remat: bool = False
 
     def setup(self):
         d = self.width
+        self.token_emb = nn.Embed(self.vocab_size, d, embedding_init=embed_init,
+                                  param_dtype=jnp.float32, dtype=self.dtype, name="token_emb")
         self.class_emb = nn.Embed(self.num_classes, d, embedding_init=embed_init,
                                   param_dtype=jnp.float32, name="class_emb")
         self.fake_latent = self.param("fake_latent", embed_init, (1, d), jnp.float32)
-        self.token_emb = nn.Embed(self.vocab_size, d, embedding_init=embed_init,
-                                  param_dtype=jnp.float32, dtype=self.dtype, name="token_emb")
         if self.pos_emb == "learned":
             self.pos_embed = self.param("pos_embed", embed_init, (1, self.seq_len, d),
                                         jnp.float32)
         self.blocks = BlockStack(self.depth, self.num_heads, self.mlp_ratio, self.attn_dropout,
-                                 self.proj_dropout, self.remat, self.dtype, prefix="block",
+                                 self.proj_dropout, self.remat, self.dtype, True, prefix="block",
                                  kind=self.block, qk_norm=self.qk_norm,
-                                 post_norm=self.post_norm, causal=True)
+                                 post_norm=self.post_norm)
         self.norm = block_norm(self.block, "norm", self.dtype)
         self.out = dense(self.vocab_size, "out", self.dtype, self.block != "llama")
 

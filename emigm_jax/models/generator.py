@@ -24,13 +24,9 @@ from emigm_jax.models.diffusion_head import SimpleMLPAdaLN, TimestepEmbedder
 from emigm_jax.models.mae import MaskedTransformer, embed_init
 
 
-class DiffLoss(nn.Module):
-    """Holds the head network under ``diffloss/net`` (the reference's module path)."""
-
-    in_channels: int
-    width: int
-    depth: int
-    dtype: Any = jnp.float32
+class DiffLoss(SimpleMLPAdaLN):
+    """Holds the head network under ``diffloss/net`` (the reference's module path); same
+    fields as the network it holds."""
 
     @nn.compact
     def __call__(self, x, t, z):
@@ -59,6 +55,7 @@ class MaskedGenerator(nn.Module):
     head_width: int = 1024
     vocab_size: int = 0
     encoder_capacity: int = 0
+    encoder_ladder: tuple[int, ...] = ()  # see MaskedTransformer
     single_reference_semantics: bool = False
     block: str = "vit"
     qk_norm: bool = False
@@ -80,7 +77,7 @@ class MaskedGenerator(nn.Module):
             seq_len=self.seq_len, width=d, enc_depth=self.enc_depth, dec_depth=self.dec_depth,
             num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, buffer_size=self.buffer_size,
             attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout, arch=self.arch,
-            encoder_capacity=self.encoder_capacity,
+            encoder_capacity=self.encoder_capacity, encoder_ladder=self.encoder_ladder,
             single_reference_semantics=self.single_reference_semantics,
             vocab_size=self.vocab_size if self.head_type == "categorical" else 0,
             block=self.block, qk_norm=self.qk_norm, post_norm=self.post_norm,

@@ -6,6 +6,12 @@ keys. With capacity L = buffer + N this is exactly the reference's dropping for 
 (including per-sample counts, which the reference cannot express); a smaller capacity saves
 encoder compute when the masking guarantees at least L - capacity dropped tokens.
 
+Work-proportional encoder (``encoder_ladder``): a static ladder of capacities, one compiled
+branch each; at run time ``nn.switch`` runs the smallest rung that holds buffer + the batch's
+largest visible count. Every rung is exact for the masks it receives, so z equals the
+full-capacity z; only the work shrinks with the visible count, as in the reference (which
+runs its encoder on the buffers plus the visible tokens only, eMIGM paper Sec. 3).
+
 Architecture switch ``arch``:
   * ``mae`` (paper default): encoder sees only unmasked tokens plus the 64 class buffers; the
     decoder scatters the encoder outputs back, fills masked slots with the mask token.
@@ -24,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from emigm_jax.buckets import rung_index
 from emigm_jax.models.transformer import BlockStack, block_norm, dense, rope2d_angles
 
 embed_init = nn.initializers.normal(0.02)
@@ -51,6 +58,7 @@ class MaskedTransformer(nn.Module):
     proj_dropout: float = 0.1
     arch: str = "mae"
     encoder_capacity: int = 0  # 0 = buffer_size + seq_len (exact for every mask)
+    encoder_ladder: tuple[int, ...] = ()  # capacity rungs, last = full; () = one capacity
     single_reference_semantics: bool = False
     vocab_size: int = 0  # > 0: discrete token ids in, embedded by a table instead of z_proj
     block: str = "vit"   # vit | llama
@@ -126,19 +134,8 @@ class MaskedTransformer(nn.Module):
         keep = jnp.logical_not(mask_full)
 
         if self.arch == "mae":
-            cap = self.encoder_capacity or total
-            order = keep_first_order(keep)[:, :cap]  # [B, cap]
-            x = jnp.take_along_axis(x, order[..., None], axis=1)  # [B, cap, D]
-            valid = jnp.take_along_axis(keep, order, axis=1)  # [B, cap]
-            rope_enc = None if rope is None else jnp.take_along_axis(rope, order[..., None], axis=1)
-            x = self.encoder_blocks(x, valid, deterministic, rope_enc)
-            x = self.encoder_norm(x)
-            x = self.decoder_embed(x)
-            # Scatter back: slot j of the sorted buffer goes to position order[j].
-            pos = jnp.where(valid, order, total)  # invalid slots go to a dump row
-            full = jnp.zeros((b, total + 1, self.width), x.dtype)
-            full = full.at[jnp.arange(b)[:, None], pos].set(x)[:, :total]
-            x = jnp.where(keep[..., None], full, mask_tok)
+            x = self._bucketed_encoder(x, keep, rope, deterministic)
+            x = jnp.where(keep[..., None], x, mask_tok)
         else:
             if self.single_reference_semantics:
                 x = jnp.where(mask_full[..., None], mask_tok, x)
@@ -152,6 +149,41 @@ class MaskedTransformer(nn.Module):
         x = self.decoder_blocks(x, None, deterministic, rope)
         x = self.decoder_norm(x)
         return self._finish(x)
+
+    def encoder_rungs(self) -> tuple[int, ...]:
+        """The encoder's capacity ladder; the last rung is the full (exact) capacity."""
+        return self.encoder_ladder or (self.encoder_capacity or self.buffer_size + self.seq_len,)
+
+    def _bucketed_encoder(self, x, keep, rope, deterministic: bool):
+        """Encoder at the smallest capacity rung holding the batch's most kept slots.
+
+        x: [B, L, D], keep: [B, L] bool -> decoder-embedded outputs scattered back [B, L, D]
+        (dropped positions zero). Only the chosen rung's branch executes.
+        """
+        rungs = self.encoder_rungs()
+
+        def branch(cap):
+            return lambda mdl, x, keep, rope: mdl._encode_at(cap, x, keep, rope, deterministic)
+
+        if len(rungs) == 1:
+            return self._encode_at(rungs[0], x, keep, rope, deterministic)
+        need = jnp.max(jnp.sum(keep, axis=1))
+        return nn.switch(rung_index(need, rungs), [branch(r) for r in rungs], self, x, keep,
+                         rope)
+
+    def _encode_at(self, cap: int, x, keep, rope, deterministic: bool):
+        """Kept tokens sorted into a [B, cap] buffer, encoded, scattered back to [B, L, D]."""
+        b, total = keep.shape
+        order = keep_first_order(keep)[:, :cap]  # [B, cap]
+        x = jnp.take_along_axis(x, order[..., None], axis=1)  # [B, cap, D]
+        valid = jnp.take_along_axis(keep, order, axis=1)  # [B, cap]
+        rope_enc = None if rope is None else jnp.take_along_axis(rope, order[..., None], axis=1)
+        x = self.encoder_blocks(x, valid, deterministic, rope_enc)
+        x = self.decoder_embed(self.encoder_norm(x))
+        # Scatter back: slot j of the sorted buffer goes to position order[j].
+        pos = jnp.where(valid, order, total)  # invalid slots go to a dump row
+        full = jnp.zeros((b, total + 1, self.width), x.dtype)
+        return full.at[jnp.arange(b)[:, None], pos].set(x)[:, :total]
 
     def _finish(self, x):
         """Drops the buffer tokens, adds the head's position embedding: [B, L, D] -> [B, N, D]."""

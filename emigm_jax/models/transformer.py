@@ -185,12 +185,8 @@ class Mlp(nn.Module):
         return h
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), no biases."""
-
-    hidden: int
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
+class SwiGLU(Mlp):
+    """w2(silu(w1 x) * w3 x), no biases; the fields of ``Mlp``."""
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -255,11 +251,11 @@ class BlockStack(nn.Module):
     proj_dropout: float = 0.0
     remat: bool = False
     dtype: Any = jnp.float32
+    causal: bool = False
     prefix: str = "blocks"
     kind: str = "vit"
     qk_norm: bool = False
     post_norm: bool = False
-    causal: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,

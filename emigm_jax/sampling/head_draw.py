@@ -6,15 +6,21 @@ reference instead of O(N). The reveal count is shared by the batch, so every dev
 the same number of calls. Each position's initial noise is drawn per position, so the
 DPM-Solver path gives the same tokens for any chunk size (the DDPM path's per-step noise is
 drawn per chunk and does not have this property).
+
+The chunk itself follows the revealed count: ``rungs`` (``plan.head_ladder``: powers of two
+up to ``chunk``) are compiled as ``lax.switch`` branches and the smallest one holding the
+count runs, so a 1-3 token reveal costs 1-4 rows per sample, not ``chunk``.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from emigm_jax.buckets import switch_on_count
 from emigm_jax.diffusion import ddpm as ddpm_lib
 from emigm_jax.diffusion import dpm_solver
 from emigm_jax.sampling.draws import gather_rows
@@ -25,14 +31,16 @@ class HeadDraw:
     """Static settings of the head's draw (built once per config)."""
     model: Any             # MaskedGenerator: ``method='head'`` is the denoiser
     c: int                 # channels of one token
-    chunk: int             # tokens per sample per head call
+    chunk: int             # tokens per sample per head call (the largest rung)
+    rungs: tuple           # chunk sizes compiled as switch branches, last = chunk
     head_sampler: str      # dpm_solver | ddpm
     temperature: float     # DDPM only; DPM-Solver++ is deterministic
     solver_plan: Any       # dpm_solver plan, or None
     ddpm_process: Any      # DDPM diffusion, or None
 
 
-def make_head_draw(sample_cfg, model, c: int, chunk: int) -> HeadDraw:
+def make_head_draw(sample_cfg, model, c: int, chunk: int,
+                   rungs: tuple[int, ...] = ()) -> HeadDraw:
     sc = sample_cfg
     solver_plan = ddpm_process = None
     if sc.head_sampler == "dpm_solver":
@@ -40,52 +48,48 @@ def make_head_draw(sample_cfg, model, c: int, chunk: int) -> HeadDraw:
                                            sc.solver_method, sc.solver_skip)
     else:
         ddpm_process = ddpm_lib.default_ddpm_diffusion(int(sc.ddpm_steps))
-    return HeadDraw(model=model, c=c, chunk=chunk, head_sampler=sc.head_sampler,
+    return HeadDraw(model=model, c=c, chunk=chunk, rungs=tuple(rungs) or (chunk,),
+                    head_sampler=sc.head_sampler,
                     temperature=sc.temperature, solver_plan=solver_plan,
                     ddpm_process=ddpm_process)
 
 
-def guided_head(hd: HeadDraw, params, zc, zu, w):
-    """(x [M, C], t [M]) -> head output [M, 2C]; with ``zu`` the eps half is guided.
-
-    The conditional and unconditional rows share x (the same noise): eps = eps_u + w (eps_c
-    - eps_u), the learned-variance half stays conditional.
-    """
-    c = hd.c
-
-    def out(x, t):
-        if zu is None:
-            return hd.model.apply({"params": params}, x, t, zc, method="head")
-        both = hd.model.apply({"params": params}, jnp.concatenate([x, x]),
-                              jnp.concatenate([t, t]), jnp.concatenate([zc, zu]), method="head")
-        oc, ou = jnp.split(both, 2)
-        eps = ou[:, :c] + w * (oc[:, :c] - ou[:, :c])
-        return jnp.concatenate([eps, oc[:, c:]], axis=1)
-
-    return out
-
-
 def draw_at(hd: HeadDraw, params, z_c, z_u, w, noise, rng, guided: bool, idx):
-    """Draws the tokens at idx [B, cap] from their noise [B, N, C] -> [B, cap, C]."""
+    """Draws the tokens at idx [B, cap] from their noise [B, N, C] -> [B, cap, C].
+
+    Guided: conditional and unconditional rows share x (the same noise) and
+    eps = eps_u + w (eps_c - eps_u); the learned-variance half stays conditional.
+    """
     b, cap = idx.shape
+    c = hd.c
     zc = gather_rows(z_c, idx).reshape(b * cap, -1)
     zu = gather_rows(z_u, idx).reshape(b * cap, -1) if guided else None
-    x_t = gather_rows(noise, idx).reshape(b * cap, hd.c)
-    head = guided_head(hd, params, zc, zu, w)
+    x_t = gather_rows(noise, idx).reshape(b * cap, c)
+    apply = functools.partial(hd.model.apply, {"params": params}, method="head")
+
+    def head(x, t):  # [M, C], [M] -> [M, 2C]
+        if not guided:
+            return apply(x, t, zc)
+        oc, ou = jnp.split(apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                                 jnp.concatenate([zc, zu])), 2)
+        return jnp.concatenate([ou[:, :c] + w * (oc[:, :c] - ou[:, :c]), oc[:, c:]], axis=1)
+
     if hd.head_sampler == "dpm_solver":
-        x0 = dpm_solver.run_plan(lambda x, t: head(x, t)[:, :hd.c], x_t, hd.solver_plan)
+        x0 = dpm_solver.run_plan(lambda x, t: head(x, t)[:, :c], x_t, hd.solver_plan)
     else:
         x0 = ddpm_lib.ddpm_sample(head, x_t, rng, hd.ddpm_process, hd.temperature)
-    return x0.reshape(b, cap, hd.c)
+    return x0.reshape(b, cap, c)
 
 
-def chunked_draw(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, guided: bool):
+def chunked_draw(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, guided: bool,
+                 ch: int = 0):
     """Values [B, N, C] for the first ``count`` positions of ``order`` [B, N] (others 0).
 
-    ceil(count / chunk) head calls; the last chunk is padded with a dump row n.
+    ceil(count / ch) head calls of ``ch`` (default ``hd.chunk``) tokens per sample; the last
+    chunk is padded with a dump row n.
     """
     b, n = order.shape
-    ch = hd.chunk
+    ch = ch or hd.chunk
     order_pad = jnp.concatenate([order, jnp.full((b, ch), n, order.dtype)], axis=1)
 
     def body(j, out):
@@ -104,10 +108,13 @@ def chunked_draw(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, gu
 
 def revealed_values(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, guided,
                     guidance: bool):
-    """``chunked_draw``, with the unconditional half only on guided steps (``lax.cond``)."""
+    """``chunked_draw`` at the smallest chunk rung holding ``count``, with the unconditional
+    half only on guided steps (``lax.cond``)."""
     def run(with_uncond: bool):
-        return lambda _: chunked_draw(hd, params, z_c, z_u, w, noise, order, count, key,
-                                      with_uncond)
+        def at(ch):
+            return lambda: chunked_draw(hd, params, z_c, z_u, w, noise, order, count, key,
+                                        with_uncond, ch)
+        return lambda _: switch_on_count(count, hd.rungs, at)
 
     if not guidance:
         return run(False)(None)

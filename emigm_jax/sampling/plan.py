@@ -27,7 +27,6 @@ import numpy as np
 from emigm_jax.config_validation import CHOICES, ConfigError
 from emigm_jax.schedules import MaskSchedule, schedule_from_config
 
-CFG_SCHEDULES = CHOICES["sample.cfg_schedule"]
 HEAD_CAPACITIES = ("auto", "full")
 DEFAULT_HEAD_CHUNK = 16
 
@@ -62,9 +61,6 @@ def z_score_passes(sample_cfg) -> int:
 def z_sampling_steps(sample_cfg) -> int:
     """How many steps (from the first) zig-zag: ``sample.z_steps``, -1 = all, 0 if off."""
     mode = sample_cfg.get("z_sampling", "none")
-    if mode not in Z_SAMPLINGS:
-        raise ConfigError(f"config.sample.z_sampling={mode!r} is invalid: expected one of "
-                          f"{Z_SAMPLINGS}")
     z = int(sample_cfg.get("z_steps", -1))
     if z < -1:
         raise ConfigError(f"config.sample.z_steps={z!r} is invalid: expected -1 (all steps) "
@@ -89,12 +85,6 @@ def expected_nfe(sample_cfg) -> int:
     """Network forward passes per image: one per step plus one per guided step (plus the
     Z-sampling passes, ``step_nfe``)."""
     return int(step_nfe(sample_cfg).sum())
-
-
-REVEALS = CHOICES["sample.reveal"]
-CFG_SPACES = CHOICES["sample.cfg_space"]
-GUMBEL_ANNEALS = CHOICES["sample.gumbel_anneal"]
-NOISE_REGS = CHOICES["sample.noise_reg"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,24 +113,18 @@ class CompanionOptions:
 
 
 def companion_options(sample_cfg, categorical: bool = True) -> CompanionOptions:
-    """Reads and checks the switches; ConfigError names a bad value and what was expected.
+    """Reads the switches (their choices are checked by ``validate_config``) and checks
+    their ranges and combinations; ConfigError names a bad value and what was expected.
 
     ``reveal='auto'`` (the default) is today's rule: ``count`` for ``order='confidence'``
     (MaskGIT), ``bernoulli`` for ``order='random'``; ``cfg_space='auto'`` is ``eps`` for the
     diffusion head and ``logits`` for the categorical head.
     """
     sc = sample_cfg
-
-    def choice(name, default, allowed):
-        v = sc.get(name, default)
-        if v not in allowed:
-            raise ConfigError(f"config.sample.{name}={v!r} is invalid: expected one of {allowed}")
-        return v
-
-    reveal = choice("reveal", "auto", REVEALS)
+    reveal = sc.get("reveal", "auto")
     if reveal == "auto":
         reveal = "count" if sc.get("order", "random") == "confidence" else "bernoulli"
-    cfg_space = choice("cfg_space", "auto", CFG_SPACES)
+    cfg_space = sc.get("cfg_space", "auto")
     if cfg_space == "auto":
         cfg_space = "logits" if categorical else "eps"
     if categorical and cfg_space == "eps":
@@ -151,13 +135,11 @@ def companion_options(sample_cfg, categorical: bool = True) -> CompanionOptions:
                           "'diffusion': expected 'eps'")
     opts = CompanionOptions(
         reveal=reveal, final_argmax=bool(sc.get("final_argmax", False)), cfg_space=cfg_space,
-        gumbel_anneal=choice("gumbel_anneal", "linear", GUMBEL_ANNEALS),
-        noise_reg=choice("noise_reg", "none", NOISE_REGS),
+        gumbel_anneal=sc.get("gumbel_anneal", "linear"), noise_reg=sc.get("noise_reg", "none"),
         noise_reg_scale=float(sc.get("noise_reg_scale", 1.0)),
         diff_frac=float(sc.get("diff_frac", 0.0)), argmax_from=int(sc.get("argmax_from", -1)),
-        z_sampling=choice("z_sampling", "none", Z_SAMPLINGS),
-        z_cfg=float(sc.get("z_cfg", 0.0)), mgt_solver=choice("mgt_solver", "vanilla",
-                                                              MGT_SOLVERS))
+        z_sampling=sc.get("z_sampling", "none"), z_cfg=float(sc.get("z_cfg", 0.0)),
+        mgt_solver=sc.get("mgt_solver", "vanilla"))
     _check_ranges(opts, sc, categorical)
     return opts
 
@@ -209,15 +191,8 @@ def reveal_probabilities(sample_cfg, schedule: MaskSchedule | None = None) -> np
 
 
 def head_chunk(sample_cfg, n: int) -> int:
-    """Tokens per sample in one call of the diffusion head's solver.
-
-    Each step reveals ``count`` tokens; the head runs over them in ceil(count / chunk) calls
-    of a ``lax.fori_loop`` (the count is the same for the whole batch, so every device runs
-    the same number of calls), costing O(count rounded up to the chunk) as in the reference
-    instead of O(N). ``head_capacity='full'`` makes the chunk N: one call on every position
-    per step (simplest program, most work). Because each position's initial noise does not
-    depend on the chunking, the DPM-Solver path gives the same tokens for any chunk.
-    """
+    """Tokens per sample in one call of the diffusion head (``emigm_jax.sampling.head_draw``);
+    ``head_capacity='full'``: N, one call on every position per step (most work)."""
     mode = sample_cfg.get("head_capacity", "auto")
     if mode not in HEAD_CAPACITIES:
         raise ConfigError(f"config.sample.head_capacity={mode!r} is invalid: expected one of "
@@ -252,6 +227,16 @@ def momentum_coefficients(sample_cfg, schedule: MaskSchedule | None = None) -> n
     with np.errstate(divide="ignore", invalid="ignore"):
         c[1:] = np.where(prev_gap > 0, (sigma[1:-1] - sigma[2:]) / (2.0 * prev_gap), 0.0)
     return c
+
+
+def head_ladder(sample_cfg, n: int) -> tuple[int, ...]:
+    """Chunk sizes the head's draw is compiled for: 1, 2, 4, ... below ``head_chunk``, then
+    the chunk. Each step runs the smallest one holding its revealed count (``head_capacity=
+    'full'``: the one size N). Same tokens for any of them on the DPM-Solver path."""
+    chunk = head_chunk(sample_cfg, n)
+    if sample_cfg.get("head_capacity", "auto") == "full":
+        return (chunk,)
+    return tuple(sorted({1 << i for i in range(chunk.bit_length()) if 1 << i < chunk} | {chunk}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,8 @@
-"""The mask-prediction sampler: one jit-compiled ``lax.scan`` over steps, static shapes.
+"""The mask-prediction sampler: one jit-compiled ``lax.scan`` over a ``SamplerState``.
 
-The scan carries a ``SamplerState``; a step (``mask_predict_step``) is: the transformer
-pass (with the unconditional pass only on guided steps), the reveal count (shared by the
-batch), the values for the revealed tokens (categorical head: a filtered, guided draw for
-every position; diffusion head: ``head_draw`` on the revealed ones), and the reveal itself.
-``sampler_step`` adds BAG's Z-sampling zig-zag on top. Every companion switch is a Python
-branch on the static ``SamplerSpec``, so the defaults trace the plain program.
-
-Every random number of a step comes from one flat uniform draw of that step's key
-(``step_uniforms``): reproducible, and identical whether the batch is sharded or not
-(threefry is partitionable).
+A step is ``mask_predict_step`` (transformer pass, reveal count, values for the revealed
+tokens, reveal); ``sampler_step`` adds BAG's Z-sampling zig-zag. Companion switches are
+Python branches on the static ``SamplerSpec``. Overview: docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -28,8 +21,8 @@ from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.sampling import draws
 from emigm_jax.sampling.head_draw import HeadDraw, make_head_draw, revealed_values
 from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, ar_prefix_length,
-                                     companion_options, make_plan, momentum_coefficients,
-                                     time_grid, z_sampling_steps, z_score_passes)
+                                     companion_options, head_ladder, make_plan,
+                                     momentum_coefficients, z_sampling_steps, z_score_passes)
 
 
 @flax.struct.dataclass
@@ -356,8 +349,9 @@ def model_net(model, params, tokens, mask, labels, t):
     return model.apply({"params": params}, tokens, mask, labels, t=t, method="transformer")
 
 
-def stand_in_net(transformer_fn, params, tokens, mask, labels, t):  # pylint: disable=unused-argument
+def stand_in_net(transformer_fn, params, tokens, mask, labels, t):
     """A test stand-in ``(params, tokens, mask, labels) -> z``: it takes no time."""
+    del t
     return transformer_fn(params, tokens, mask, labels)
 
 
@@ -373,16 +367,15 @@ def build_spec(config, transformer_fn: Callable | None = None) -> SamplerSpec:
     opts, plan = companion_options(sc, categorical), make_plan(sc, n)
     net = (functools.partial(model_net, model) if transformer_fn is None
            else functools.partial(stand_in_net, transformer_fn))
-    grid = time_grid(sc)
-    head = None if categorical else make_head_draw(sc, model, c, plan.chunk)
+    head = None if categorical else make_head_draw(sc, model, c, plan.chunk, head_ladder(sc, n))
     prefix = ar_prefix_length(sc, n)
     if prefix and not categorical:
         raise ConfigError(f"config.sample.ar_prefix={sc.ar_prefix!r} needs token ids from an "
                           "AR model: only available with model.head='categorical'")
     return SamplerSpec(model=model, net=net, n=n, c=c,
                        vocab=int(config.model.vocab_size) if categorical else 0, opts=opts,
-                       plan=plan, sample_cfg=sc, t_before=jnp.asarray(grid[:-1], jnp.float32),
-                       t_after=jnp.asarray(grid[1:], jnp.float32), head=head, prefix=prefix)
+                       plan=plan, sample_cfg=sc, t_before=jnp.asarray(plan.t, jnp.float32),
+                       t_after=jnp.asarray(plan.s, jnp.float32), head=head, prefix=prefix)
 
 
 _SAMPLERS: dict[str, Any] = {}

@@ -183,41 +183,6 @@ def build_tokenizer(name: str, *, scale: float | None = None, arch: Mapping | No
     return Tokenizer(name, module_cls(cfg, dtype=dtype, precision=precision), cfg, scale, k)
 
 
-def load_tokenizer_variables(tok: Tokenizer, path: str) -> dict:
-    """Converted Flax variables from an official checkpoint (or a converted .msgpack)."""
-    if tok.name == "kl16":
-        from emigm_jax.convert.vae import load_kl_vae  # pylint: disable=import-outside-toplevel
-        return load_kl_vae(path, tok.arch)
-    if tok.name in ("vq", "vq8"):
-        from emigm_jax.convert.vq import load_vq  # pylint: disable=import-outside-toplevel
-        return load_vq(path, tok.arch)
-    if tok.name == "sdvq_f8":
-        from emigm_jax.convert.sdvq import load_sdvq  # pylint: disable=import-outside-toplevel
-        return load_sdvq(path, tok.arch)
-    from emigm_jax.convert.dcae import load_dcae  # pylint: disable=import-outside-toplevel
-    return load_dcae(path, tok.arch)[0]
-
-
-def tokenizer_from_config(config, *, dtype: Any = None) -> tuple[Tokenizer, dict]:
-    """(Tokenizer, variables) from ``config.tokenizer``.
-
-    Fields: name, path (weights), scale; optional ``arch`` (dict of architecture overrides),
-    ``random_init`` (bool: random weights when path is empty — tests/smoke runs only),
-    ``dtype`` ('float32' | 'bfloat16').
-    """
-    t = config.tokenizer
-    dtype = dtype or jnp.dtype(t.get("dtype", "float32"))
-    tok = build_tokenizer(t.name, scale=t.get("scale", None), arch=t.get("arch", None), dtype=dtype)
-    path = t.get("path", "")
-    if path:
-        return tok, load_tokenizer_variables(tok, path)
-    if t.get("random_init", False):
-        return tok, tok.random_variables(int(t.get("seed", 0)))
-    raise ValueError(
-        f"config.tokenizer.path is empty: point it at the {t.name} weights "
-        f"({WEIGHT_FILES[t.name]}), or set tokenizer.random_init=True for a random-weight test run")
-
-
 # numpy twin of `Tokenizer.moments_to_tokens` for host-side input pipelines.
 def moments_to_tokens_np(moments: np.ndarray, scale: float, noise: np.ndarray | None) -> np.ndarray:
     """[K, h, w, C] -> [h*w, C] float32; ``noise`` ~ N(0, 1) of shape [h, w, C] when K == 2."""

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emigm_jax.tokenizers.vae import Decoder, Encoder, KLVAEConfig, _conv
+from emigm_jax.tokenizers.vae import Decoder, Encoder, KLVAEConfig, conv2d
 from emigm_jax.tokenizers.vq import VectorQuantizer, token_grid
 
 
@@ -75,8 +75,8 @@ class SDVQModel(nn.Module):
         c = self.cfg
         self.encoder = Encoder(c, self.dtype, self.precision)
         self.decoder = Decoder(c, self.dtype, self.precision)
-        self.quant_conv = _conv(c.embed_dim, 1, None, self.dtype, self.precision)
-        self.post_quant_conv = _conv(c.embed_dim, 1, None, self.dtype, self.precision)
+        self.quant_conv = conv2d(c.embed_dim, 1, None, self.dtype, self.precision)
+        self.post_quant_conv = conv2d(c.embed_dim, 1, None, self.dtype, self.precision)
         self.quantize = VectorQuantizer(c, self.chunk)
 
     def encode_latent(self, x):  # [B, H, W, 3] -> [B, H/8, W/8, 4] float32, before quantisation

@@ -49,7 +49,7 @@ class KLVAEConfig:
 KL16 = KLVAEConfig()
 
 
-def _conv(features: int, k: int, name: str, dtype, precision, stride: int = 1,
+def conv2d(features: int, k: int, name: str, dtype, precision, stride: int = 1,
           padding=None) -> nn.Conv:
     if padding is None:
         padding = ((k // 2, k // 2), (k // 2, k // 2))
@@ -72,11 +72,11 @@ class ResnetBlock(nn.Module):
     def __call__(self, x):  # [B, H, W, Cin] -> [B, H, W, out_ch]
         c, dt, pr = self.cfg, self.dtype, self.precision
         h = nn.swish(group_norm(c, "norm1", dt)(x))
-        h = _conv(self.out_ch, 3, "conv1", dt, pr)(h)
+        h = conv2d(self.out_ch, 3, "conv1", dt, pr)(h)
         h = nn.swish(group_norm(c, "norm2", dt)(h))
-        h = _conv(self.out_ch, 3, "conv2", dt, pr)(h)
+        h = conv2d(self.out_ch, 3, "conv2", dt, pr)(h)
         if x.shape[-1] != self.out_ch:
-            x = _conv(self.out_ch, 1, "nin_shortcut", dt, pr)(x)
+            x = conv2d(self.out_ch, 1, "nin_shortcut", dt, pr)(x)
         return x + h
 
 
@@ -91,13 +91,13 @@ class AttnBlock(nn.Module):
         b, hh, ww, c = x.shape
         dt, pr = self.dtype, self.precision
         h = group_norm(self.cfg, "norm", dt)(x)
-        q = _conv(c, 1, "q", dt, pr)(h).reshape(b, hh * ww, c)
-        k = _conv(c, 1, "k", dt, pr)(h).reshape(b, hh * ww, c)
-        v = _conv(c, 1, "v", dt, pr)(h).reshape(b, hh * ww, c)
+        q = conv2d(c, 1, "q", dt, pr)(h).reshape(b, hh * ww, c)
+        k = conv2d(c, 1, "k", dt, pr)(h).reshape(b, hh * ww, c)
+        v = conv2d(c, 1, "v", dt, pr)(h).reshape(b, hh * ww, c)
         w = jnp.einsum("bic,bjc->bij", q, k, precision=pr).astype(jnp.float32) * (c ** -0.5)
         w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
         h = jnp.einsum("bij,bjc->bic", w, v, precision=pr).reshape(b, hh, ww, c)
-        return x + _conv(c, 1, "proj_out", dt, pr)(h)
+        return x + conv2d(c, 1, "proj_out", dt, pr)(h)
 
 
 class _Resample(nn.Module):
@@ -111,12 +111,12 @@ class _Resample(nn.Module):
     def __call__(self, x):
         if self.up:
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-            return _conv(self.channels, 3, "conv", self.dtype, self.precision)(x)
-        return _conv(self.channels, 3, "conv", self.dtype, self.precision, stride=2,
+            return conv2d(self.channels, 3, "conv", self.dtype, self.precision)(x)
+        return conv2d(self.channels, 3, "conv", self.dtype, self.precision, stride=2,
                      padding=((0, 1), (0, 1)))(x)
 
 
-class _Level(nn.Module):
+class ResolutionLevel(nn.Module):
     """One resolution level: ``block_i`` (+ ``attn_i``) then an optional resampler."""
     cfg: KLVAEConfig
     out_ch: int
@@ -138,7 +138,7 @@ class _Level(nn.Module):
         return x
 
 
-class _Mid(nn.Module):
+class MidBlock(nn.Module):
     cfg: KLVAEConfig
     dtype: Any = jnp.float32
     precision: Any = None
@@ -160,17 +160,17 @@ class Encoder(nn.Module):
     def __call__(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, 2*z] (z with double_z=False)
         c, dt, pr = self.cfg, self.dtype, self.precision
         n = len(c.ch_mult)
-        h = _conv(c.ch, 3, "conv_in", dt, pr)(x)
+        h = conv2d(c.ch, 3, "conv_in", dt, pr)(x)
         res = c.resolution
         for i, mult in enumerate(c.ch_mult):
             last = i == n - 1
-            h = _Level(c, c.ch * mult, c.num_res_blocks, res in c.attn_resolutions,
-                       None if last else "downsample", dt, pr, name=f"down_{i}")(h)
+            h = ResolutionLevel(c, c.ch * mult, c.num_res_blocks, res in c.attn_resolutions,
+                                None if last else "downsample", dt, pr, name=f"down_{i}")(h)
             if not last:
                 res //= 2
-        h = _Mid(c, dt, pr, name="mid")(h)
+        h = MidBlock(c, dt, pr, name="mid")(h)
         h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return _conv((2 if c.double_z else 1) * c.embed_dim, 3, "conv_out", dt, pr)(h)
+        return conv2d((2 if c.double_z else 1) * c.embed_dim, 3, "conv_out", dt, pr)(h)
 
 
 class Decoder(nn.Module):
@@ -182,17 +182,17 @@ class Decoder(nn.Module):
     def __call__(self, z):  # [B, h, w, z] -> [B, h*s, w*s, out_ch]
         c, dt, pr = self.cfg, self.dtype, self.precision
         n = len(c.ch_mult)
-        h = _conv(c.ch * c.ch_mult[-1], 3, "conv_in", dt, pr)(z)
-        h = _Mid(c, dt, pr, name="mid")(h)
+        h = conv2d(c.ch * c.ch_mult[-1], 3, "conv_in", dt, pr)(z)
+        h = MidBlock(c, dt, pr, name="mid")(h)
         res = c.resolution // 2 ** (n - 1)
         for i in reversed(range(n)):
-            h = _Level(c, c.ch * c.ch_mult[i], c.num_res_blocks + 1,
-                       res in c.decoder_attn_resolutions, None if i == 0 else "upsample", dt, pr,
-                       name=f"up_{i}")(h)
+            h = ResolutionLevel(c, c.ch * c.ch_mult[i], c.num_res_blocks + 1,
+                                res in c.decoder_attn_resolutions, None if i == 0 else "upsample",
+                                dt, pr, name=f"up_{i}")(h)
             if i != 0:
                 res *= 2
         h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return _conv(c.out_ch, 3, "conv_out", dt, pr)(h)
+        return conv2d(c.out_ch, 3, "conv_out", dt, pr)(h)
 
 
 class AutoencoderKL(nn.Module):
@@ -205,8 +205,8 @@ class AutoencoderKL(nn.Module):
         c = self.cfg
         self.encoder = Encoder(c, self.dtype, self.precision)
         self.decoder = Decoder(c, self.dtype, self.precision)
-        self.quant_conv = _conv(2 * c.embed_dim, 1, None, self.dtype, self.precision)
-        self.post_quant_conv = _conv(c.embed_dim, 1, None, self.dtype, self.precision)
+        self.quant_conv = conv2d(2 * c.embed_dim, 1, None, self.dtype, self.precision)
+        self.post_quant_conv = conv2d(c.embed_dim, 1, None, self.dtype, self.precision)
 
     def moments(self, x):  # [B, H, W, 3] -> [B, h, w, 2E] (mean | raw logvar)
         return self.quant_conv(self.encoder(x))

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from emigm_jax.tokenizers.vae import _conv, _Level, _Mid, group_norm
+from emigm_jax.tokenizers.vae import MidBlock, ResolutionLevel, conv2d, group_norm
 
 L2_EPS = 1e-12  # torch.nn.functional.normalize default
 
@@ -145,14 +145,14 @@ class VQEncoder(nn.Module):
     def __call__(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, z_channels]
         c, dt, pr = self.cfg, self.dtype, self.precision
         n = len(c.encoder_ch_mult)
-        h = _conv(c.ch, 3, "conv_in", dt, pr)(x)
+        h = conv2d(c.ch, 3, "conv_in", dt, pr)(x)
         for i, mult in enumerate(c.encoder_ch_mult):
             last = i == n - 1
-            h = _Level(c, c.ch * mult, c.num_res_blocks, last, None if last else "downsample",
-                       dt, pr, name=f"down_{i}")(h)
-        h = _Mid(c, dt, pr, name="mid")(h)
+            h = ResolutionLevel(c, c.ch * mult, c.num_res_blocks, last,
+                                None if last else "downsample", dt, pr, name=f"down_{i}")(h)
+        h = MidBlock(c, dt, pr, name="mid")(h)
         h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return _conv(c.z_channels, 3, "conv_out", dt, pr)(h)
+        return conv2d(c.z_channels, 3, "conv_out", dt, pr)(h)
 
 
 class VQDecoder(nn.Module):
@@ -165,13 +165,14 @@ class VQDecoder(nn.Module):
     def __call__(self, z):  # [B, h, w, z_channels] -> [B, h*s, w*s, out_channels]
         c, dt, pr = self.cfg, self.dtype, self.precision
         n = len(c.decoder_ch_mult)
-        h = _conv(c.ch * c.decoder_ch_mult[-1], 3, "conv_in", dt, pr)(z)
-        h = _Mid(c, dt, pr, name="mid")(h)
+        h = conv2d(c.ch * c.decoder_ch_mult[-1], 3, "conv_in", dt, pr)(z)
+        h = MidBlock(c, dt, pr, name="mid")(h)
         for i in reversed(range(n)):
-            h = _Level(c, c.ch * c.decoder_ch_mult[i], c.num_res_blocks + 1, i == n - 1,
-                       None if i == 0 else "upsample", dt, pr, name=f"up_{i}")(h)
+            h = ResolutionLevel(c, c.ch * c.decoder_ch_mult[i], c.num_res_blocks + 1,
+                                i == n - 1, None if i == 0 else "upsample", dt, pr,
+                                name=f"up_{i}")(h)
         h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return _conv(c.out_channels, 3, "conv_out", dt, pr)(h)
+        return conv2d(c.out_channels, 3, "conv_out", dt, pr)(h)
 
 
 def _codebook_init(l2_norm: bool):
@@ -230,8 +231,8 @@ class VQModel(nn.Module):
         c = self.cfg
         self.encoder = VQEncoder(c, self.dtype, self.precision)
         self.decoder = VQDecoder(c, self.dtype, self.precision)
-        self.quant_conv = _conv(c.codebook_embed_dim, 1, None, self.dtype, self.precision)
-        self.post_quant_conv = _conv(c.z_channels, 1, None, self.dtype, self.precision)
+        self.quant_conv = conv2d(c.codebook_embed_dim, 1, None, self.dtype, self.precision)
+        self.post_quant_conv = conv2d(c.z_channels, 1, None, self.dtype, self.precision)
         self.quantize = VectorQuantizer(c, self.chunk)
 
     def encode_latent(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, D] float32, before quantisation

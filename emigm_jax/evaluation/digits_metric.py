@@ -23,31 +23,10 @@ import functools
 import warnings
 
 import numpy as np
+from sklearn.neural_network import MLPClassifier
 
 from emigm_jax.data.digits import NUM_CLASSES, PIXEL_MAX, SIDE, DigitsSplits, load_digits_splits
-
-try:  # the project's float64 Frechet distance (ADM conventions)
-    from emigm_jax.evaluation.metrics import frechet_distance
-except ImportError:  # pragma: no cover - evaluation package missing
-    frechet_distance = None
-
-
-def _frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    if frechet_distance is not None:
-        return frechet_distance(mu1, sigma1, mu2, sigma2)
-    import scipy.linalg  # pylint: disable=import-outside-toplevel
-    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    covmean = scipy.linalg.sqrtm(np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64))
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-
-
-def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [F] and covariance [F, F] (ddof=1) in float64."""
-    f = np.asarray(features, np.float64)
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need [n >= 2, F] features for a Gaussian fit, got shape {f.shape}")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
-
+from emigm_jax.evaluation.metrics import frechet_distance, gaussian_stats
 
 @dataclasses.dataclass(frozen=True)
 class DigitsClassifier:
@@ -84,7 +63,6 @@ def fit_classifier(test_fraction: float = 0.2, split_seed: int = 0, seed: int = 
 
     About 97% accuracy on the held-out split; fits in seconds.
     """
-    from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
     splits = load_digits_splits(test_fraction, split_seed)
     clf = MLPClassifier(hidden_layer_sizes=(hidden,), activation="tanh", solver="lbfgs",
                         alpha=1e-2, max_iter=500, random_state=seed)
@@ -113,15 +91,15 @@ def score_samples(images: np.ndarray, labels: np.ndarray, *, test_fraction: floa
     splits: DigitsSplits = load_digits_splits(test_fraction, split_seed)
     clf = fit_classifier(test_fraction, split_seed, seed)
 
-    ref = gaussian_fit(clf.features(splits.test_images))
+    ref = gaussian_stats(clf.features(splits.test_images))
     pred = clf.predict(images)
     per_class = [float(np.mean(pred[labels == c] == c)) if np.any(labels == c) else float("nan")
                  for c in range(NUM_CLASSES)]
-    sample_fd = _frechet_distance(*gaussian_fit(clf.features(images)), *ref)
+    sample_fd = frechet_distance(*gaussian_stats(clf.features(images)), *ref)
 
     k = min(len(images), len(splits.train_images))
     pick = np.random.default_rng(seed).choice(len(splits.train_images), size=k, replace=False)
-    real_fd = _frechet_distance(*gaussian_fit(clf.features(splits.train_images[pick])), *ref)
+    real_fd = frechet_distance(*gaussian_stats(clf.features(splits.train_images[pick])), *ref)
     return {
         "sample_class_accuracy": float(np.mean(pred == labels)),
         "sample_fd": float(sample_fd),

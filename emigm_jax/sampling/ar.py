@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.models import build_model, seq_len
 from emigm_jax.models.ar import init_cache
-from emigm_jax.sampling import filter_logits
+from emigm_jax.sampling.draws import filter_logits
 
 AR_STREAM = 0xA7  # fold_in tag of the AR sampler's key stream
 
