@@ -114,7 +114,7 @@ def _validate_run_fields(config) -> None:
         if config.data.source == "digits":
             _require(name == "identity", "tokenizer.name", name,
                      "'identity' with data.source='digits' (pixels are the tokens)")
-        else:
+        elif config.data.source in ("folder", "tfds", "cached"):  # others: named by preflight
             _require(name in TOKENIZER_NAMES, "tokenizer.name", name,
                      f"one of {TOKENIZER_NAMES}")
 

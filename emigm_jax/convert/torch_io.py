@@ -47,9 +47,6 @@ def load_pth(path: str | os.PathLike, *, trusted_pickle: bool = False) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{path!r} is empty (0 bytes): not a PyTorch checkpoint; download or "
-                         f"save it again")
     torch = import_torch()
 
     def _load(**kw):
@@ -79,6 +76,9 @@ _CORRUPT_HINTS = ("PytorchStreamReader", "zip archive", "central directory", "tr
 
 def readable_load_error(path: str, error: Exception) -> ValueError | None:
     """One-line ValueError for a refused pickle or a damaged file; None for anything else."""
+    if os.path.getsize(path) == 0:
+        return ValueError(f"{path!r} is empty (0 bytes): not a PyTorch checkpoint; download "
+                          f"or save it again")
     text = _ANSI.sub("", str(error))
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if refused or "Weights only load failed" in text:
