@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
         t_per="batch",              # batch (one t per batch, reference) | sample
         min_masked=2,
         loss_norm="masked",         # masked: mean over masked tokens (reference) | tokens: / N
+        coupling_ratio=0.0,         # DI conditional coupling: share of positions never masked
     ))
 
     # Optimisation.
@@ -153,6 +154,10 @@ def get_config() -> ml_collections.ConfigDict:
         argmax_from=-1,             # step from which tokens take the argmax; -1 = off
         z_sampling="none",          # none | masked | random | recover  (BAG Z-sampling)
         z_steps=-1,                 # zig-zag the first z_steps steps; -1 = all
+        z_cfg=0.0,                  # masked-Z scoring CFG scale (inversion); 0 = no guidance pass
+        mgt_solver="vanilla",       # vanilla | momentum2 (BAG's second-order momentum solver)
+        ar_prefix=0.0,              # MaskGIL: share of raster tokens from an AR model (0 = off)
+        ar_workdir="",              # that AR model's run directory (model.arch='ar')
     ))
     # Named overrides selectable with --sample_preset.
     c.sample_presets = ml_collections.ConfigDict(dict(

@@ -9,9 +9,11 @@ linear schedule in training and sampling, t ~ U[1e-3, 1 - 1e-3], w = 1. Sampling
 1.3, CFG 2 mixing probabilities (DI eq. 5).
 
 Project choices (the paper leaves them open):
-  * Tokenizer: LlamaGen's VQ-8 (``vq_ds8_c2i.pt``: f8, 16,384 codes, 8-dim l2-normalised
-    codebook) in place of SD-VQ-F8 -- the same token grid and vocabulary, and a Flax port
-    with a converter already exists here (``tokenizer.name='vq8'``).
+  * Tokenizer: the paper's SD-VQ-F8 (latent-diffusion's ``vq-f8/model.ckpt``: f8, 16,384
+    codes, 4-dim plain-L2 codebook; ``tokenizer.name='sdvq_f8'``, converter
+    ``emigm_jax.convert.sdvq``). The alternative with the same token grid and vocabulary is
+    LlamaGen's VQ-8 (``vq_ds8_c2i.pt``, 8-dim l2-normalised codebook):
+    ``--config.tokenizer.name=vq8 --config.tokenizer.path=vq_ds8_c2i.pt``.
   * Architecture (unstated in the paper): one bidirectional ViT stack (MaskGIT layout,
     ``model.arch='single'``), width 1024, 40 blocks, 16 heads, learned positions, class as
     one prefix token, MLP token head: 541.6M parameters (546M in the paper; within 1%).
@@ -41,7 +43,7 @@ def di_config(time_cond: str):
     o.warmup_steps = 5000
     t = c.train
     t.batch_size, t.num_steps, t.label_smoothing = 1024, 500_000, 0.0
-    c.tokenizer.name, c.tokenizer.scale = "vq8", 1.0
+    c.tokenizer.name, c.tokenizer.scale = "sdvq_f8", 1.0
     s = c.sample
     s.num_iter = 20 if time_cond == "none" else 1000
     s.schedule, s.order, s.reveal = "linear", "random", "euler"

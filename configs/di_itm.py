@@ -2,7 +2,7 @@
 the network is not told t (``model.time_cond='none'``), as in eMIGM. See configs/di_imagenet.py.
 
     python -m emigm_jax.main --config=configs/di_itm.py --workdir=gs://bucket/di_itm \
-        --config.data.cache_dir=gs://bucket/imagenet_vq8_cache --config.tokenizer.path=vq_ds8_c2i.pt
+        --config.data.cache_dir=gs://bucket/imagenet_sdvq_f8_cache --config.tokenizer.path=model.ckpt
 """
 from configs.di_imagenet import di_config
 

@@ -88,4 +88,13 @@ SAMPLE_PRESETS = {
     "random_z2": dict(z_sampling="random", z_steps=2),
     "random_z4": dict(z_sampling="random", z_steps=4),
     "random_z8": dict(z_sampling="random", z_steps=8),
+    # guided masked-Z scoring: the inversion CFG scale (0 = masked_z, no guidance pass)
+    "masked_z_cfg1": dict(z_sampling="masked", z_cfg=1.0),
+    "masked_z_cfg2": dict(z_sampling="masked", z_cfg=2.0),
+    "masked_z_cfg3": dict(z_sampling="masked", z_cfg=3.0),
+    # BAG's second-order momentum solver (Sec. 4.3)
+    "momentum2": dict(mgt_solver="momentum2"),
+    # DI trend 5: confidence sampling (count reveal) at softmax temperatures 0.8 / 1.0 / 1.2
+    "confidence_temp08": dict(order="confidence", reveal="count", temperature=0.8),
+    "confidence_temp12": dict(order="confidence", reveal="count", temperature=1.2),
 }

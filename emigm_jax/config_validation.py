@@ -10,7 +10,7 @@ from emigm_jax.schedules import SCHEDULE_ALIASES, SCHEDULE_NAMES, WEIGHT_NAMES
 from emigm_jax.tokenizers.registry import TOKENIZER_NAMES
 
 CHOICES = {
-    "model.arch": ("mae", "single"),
+    "model.arch": ("mae", "single", "ar"),
     "model.head": ("diffusion", "categorical"),
     "model.cfg_mode": ("mask_token", "fake_class"),
     "model.dtype": ("float32", "bfloat16"),
@@ -36,6 +36,7 @@ CHOICES = {
     "plan.what": ("train", "sample", "both"),
     "model.scan_layers": (False, True),
     "model.remat": (False, True),
+    "sample.mgt_solver": ("vanilla", "momentum2"),
 }
 
 
@@ -155,8 +156,13 @@ def _check_model(m, mask) -> int:
     _require(m.dec_depth >= 0 and int(m.dec_depth) == m.dec_depth, "model.dec_depth",
              m.dec_depth, "an integer >= 0")
     if m.dec_depth == 0:
-        _require(m.arch == "single", "model.dec_depth", m.dec_depth,
+        _require(m.arch != "mae", "model.dec_depth", m.dec_depth,
                  ">= 1 with model.arch='mae' (the decoder re-inserts the dropped tokens)")
+    if m.arch == "ar":
+        _require(m.head == "categorical", "model.head", m.head,
+                 "'categorical' with model.arch='ar' (next-token logits)")
+        _require(m.dec_depth == 0, "model.dec_depth", m.dec_depth,
+                 "0 with model.arch='ar' (one causal stack of model.enc_depth blocks)")
     if m.get("pos_emb", "learned") == "rope2d":
         _require((m.width // m.num_heads) % 4 == 0, "model.num_heads", m.num_heads,
                  "a head count whose head dimension is divisible by 4 (rope2d)")
@@ -193,6 +199,8 @@ def _check_mask(k, side: int) -> None:
     _require(0.0 <= k.p_eps < 1.0, "mask.p_eps", k.p_eps, "a value in [0, 1)")
     _require(1 <= k.min_masked <= side * side, "mask.min_masked", k.min_masked,
              f"an integer in [1, seq_len={side * side}]")
+    _require(0.0 <= k.get("coupling_ratio", 0.0) < 1.0, "mask.coupling_ratio",
+             k.get("coupling_ratio", 0.0), "a value in [0, 1)")
     for name in ("exp_rate", "pow_rho", "poly_p"):
         _require(k[name] > 0, f"mask.{name}", k[name], "a value > 0")
 
@@ -226,3 +234,7 @@ def _check_sample(s) -> None:
     _require(s.temperature > 0, "sample.temperature", s.temperature, "a value > 0")
     _require(0.0 < s.top_p <= 1.0, "sample.top_p", s.top_p, "a value in (0, 1]")
     _require(s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0 = off)")
+    share = s.get("ar_prefix", 0.0)
+    _require(0.0 <= share <= 1.0, "sample.ar_prefix", share, "a share in [0, 1] (0 = off)")
+    _require(s.get("z_cfg", 0.0) >= 0, "sample.z_cfg", s.get("z_cfg", 0.0),
+             "a value >= 0 (0 = no guidance pass in the masked-Z scoring)")

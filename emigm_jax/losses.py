@@ -98,6 +98,8 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
 
     Returns (loss scalar, metrics dict of scalars).
     """
+    if config.model.arch == "ar":
+        return next_token_loss(params, batch, rng, config, train)
     model = build_model(config)
     params = gather_weights(params, skip_blocks=True, dtype=DTYPES[config.model.dtype])
     tokens, labels = batch["tokens"], batch["label"]
@@ -138,3 +140,22 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
         metrics["mse"] = masked_mean(mse)
         metrics["vb"] = masked_mean(vb)
     return loss, metrics
+
+
+def next_token_loss(params, batch, rng: jax.Array, config, train: bool = True):
+    """The autoregressive model's loss (``model.arch='ar'``): mean next-token cross-entropy.
+
+    L = -1/(B N) sum_{b, i} log p_theta(x_i | class, x_<i), one causal pass (teacher
+    forcing); the class is dropped with ``model.label_drop_prob`` for CFG, as for eq. 7.
+    """
+    tokens, labels = batch["tokens"], batch["label"]
+    rng_drop, rng_dropout = jax.random.split(rng)
+    if train:
+        labels = drop_labels(rng_drop, labels, config.model.label_drop_prob)
+    logits = build_model(config).apply({"params": params}, tokens, labels,
+                                       deterministic=not train, rngs={"dropout": rng_dropout})
+    per_token = cross_entropy(logits, tokens, config.train.label_smoothing)  # [B, N]
+    loss = jnp.mean(per_token)
+    hit = jnp.argmax(logits, axis=-1) == tokens
+    return loss, {"loss": loss, "token_loss": jnp.mean(cross_entropy(logits, tokens)),
+                  "token_accuracy": jnp.mean(hit.astype(jnp.float32))}

@@ -41,6 +41,7 @@ from emigm_jax.evaluation.digits_report import digits_report, digits_sample_fn
 from emigm_jax.evaluation.evaluate import eval_settings, evaluate
 from emigm_jax.evaluation.sweep import sweep
 from emigm_jax.models import param_shapes
+from emigm_jax.sampling import ar_prefix
 from emigm_jax.workdir import WorkdirError, total_train_seconds
 
 MODES = ("train", "sample", "evaluate", "sweep", "plan")
@@ -213,6 +214,16 @@ def restore_ema_params(config, workdir: str, mesh):
     return restored
 
 
+def sampling_params(config, params, mesh):
+    """``params``, or ``{'masked': params, 'ar': the AR run's EMA params}`` with
+    ``sample.ar_prefix`` > 0 (MaskGIL's AR prefix; the AR run is ``sample.ar_workdir``)."""
+    if ar_prefix.prefix_length(config) == 0:
+        return params
+    ar_workdir = config.sample.get("ar_workdir", "")
+    _, ar_params = restore_ema_params(ar_prefix.load_ar_config(ar_workdir), ar_workdir, mesh)
+    return {"masked": params, "ar": ar_params}
+
+
 def run_mode(config, workdir: str, mode: str) -> dict:
 
     digits = config.data.source == "digits"
@@ -237,6 +248,7 @@ def run_mode(config, workdir: str, mode: str) -> dict:
 
     mesh = shd.make_mesh(config.mesh)
     step, params = restore_ema_params(config, workdir, mesh)
+    params = sampling_params(config, params, mesh)
     if digits and mode in ("sample", "evaluate"):
         return digits_report(config, params, workdir, mesh, train_steps=step,
                              train_seconds=total_train_seconds(workdir))

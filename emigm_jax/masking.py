@@ -10,6 +10,11 @@ one Bernoulli vector for the whole batch, redrawn (t included) until at least ``
 tokens are masked, then permuted independently per sample, so every sample has the same masked
 count (which is what lets the reference MAE encoder keep a fixed token count). The redraw is a
 ``lax.while_loop``: static shapes, exact rejection sampling, no host round-trip.
+
+Conditional coupling (``mask.coupling_ratio`` c > 0; Discrete Interpolants paper, App. on
+C-coupling, after Gat et al. 2024): per sample, round(c N) positions drawn uniformly are never
+masked (a "null scheduler" at those positions), the others follow the schedule; the draw uses
+its own key (``fold_in(rng, COUPLING_STREAM)``), so c = 0 leaves every other draw unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from emigm_jax.schedules import MaskSchedule, schedule_from_config
+
+
+COUPLING_STREAM = 0xC0  # fold_in tag of the coupled-position draw
 
 
 class MaskDraw(NamedTuple):
@@ -100,4 +108,16 @@ def sample_mask(rng: jax.Array, batch: int, n: int, mask_cfg,
         mask = _permute_rows(rng_perm, mask[0], batch)
         p = jnp.broadcast_to(p.reshape(()), (batch,))
         ratio = jnp.broadcast_to(ratio.reshape(-1)[0], (batch,))
+    coupling = float(mask_cfg.get("coupling_ratio", 0.0))
+    if coupling > 0:
+        mask = mask & ~coupled_positions(jax.random.fold_in(rng, COUPLING_STREAM), batch, n,
+                                         coupling)
     return MaskDraw(mask=mask, p=jnp.broadcast_to(p, (batch,)), ratio=ratio)
+
+
+def coupled_positions(rng: jax.Array, batch: int, n: int, ratio: float) -> jax.Array:
+    """[B, N] bool: round(ratio * N) uniformly placed positions per row (never masked)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask.coupling_ratio={ratio!r} is invalid: expected a value in [0, 1)")
+    k = int(round(ratio * n))
+    return row_ranks(jax.random.uniform(rng, (batch, n))) < k

@@ -21,7 +21,7 @@ def test_shipped_configs_are_valid(name):
 
 def test_every_config_is_checked():
     assert set(ALL) <= set(SHIPPED) and len(SHIPPED) >= 24
-    assert {"digits_maskgit", "digits_mdm", "digits_di", "digits_maskgil", "di_itm",
+    assert {"digits_maskgit", "digits_mdm", "digits_di", "digits_maskgil", "digits_ar", "di_itm",
             "di_etm", "maskgil_b", "maskgit", "mdm", "mar"} <= set(SHIPPED)
 
 
@@ -34,7 +34,7 @@ def test_discrete_interpolants_imagenet_size():
     assert seq_len(itm) == 32 * 32 and itm.model.vocab_size == 16384
     assert (itm.model.time_cond, etm.model.time_cond) == ("none", "explicit")
     assert (itm.sample.num_iter, etm.sample.num_iter) == (20, 1000)
-    assert itm.tokenizer.name == "vq8"
+    assert itm.tokenizer.name == etm.tokenizer.name == "sdvq_f8"  # DI's SD-VQ-F8
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -42,7 +42,7 @@ def test_discrete_interpolants_imagenet_size():
     ("mask.t_min", 1.0, r"config.mask.t_min=1.0 is invalid: expected a value in \[0, 1\)"),
     ("mask.t_min", -0.1, r"config.mask.t_min=-0.1"),
     ("model.num_heads", 5, r"config.model.num_heads=5 is invalid: expected a divisor of model.width=32"),
-    ("model.arch", "unet", r"config.model.arch='unet'.*\('mae', 'single'\)"),
+    ("model.arch", "unet", r"config.model.arch='unet'.*\('mae', 'single', 'ar'\)"),
     ("model.head", "gmm", r"config.model.head='gmm'"),
     ("mask.distribution", "poisson", r"config.mask.distribution='poisson'"),
     ("mask.weight", "elbo", r"config.mask.weight='elbo'"),

@@ -71,3 +71,31 @@ def test_t_eps_range():
     d = draws(cfg, n_draws=50)
     p = np.asarray(d.p)
     assert p.min() >= 0.25 - 1e-6 and p.max() <= 0.75 + 1e-6
+
+
+@pytest.mark.parametrize("dist", ["bernoulli", "uniform_count"])
+def test_coupling_keeps_a_fixed_share_unmasked_and_changes_nothing_else(dist):
+    """DI's conditional coupling: round(c N) random positions per row are never masked; the
+    rest of the draw (time, mask elsewhere) is the uncoupled one, and c = 0 is bit-identical."""
+    base = draws(mask_cfg(distribution=dist, t_per="sample"), n_draws=50, n=16)
+    off = draws(mask_cfg(distribution=dist, t_per="sample", coupling_ratio=0.0), n_draws=50, n=16)
+    np.testing.assert_array_equal(np.asarray(off.mask), np.asarray(base.mask))
+    np.testing.assert_array_equal(np.asarray(off.p), np.asarray(base.p))
+    on = draws(mask_cfg(distribution=dist, t_per="sample", coupling_ratio=0.25), n_draws=50, n=16)
+    m0, m1 = np.asarray(base.mask), np.asarray(on.mask)
+    np.testing.assert_array_equal(np.asarray(on.p), np.asarray(base.p))
+    assert not (m1 & ~m0).any()                      # coupling only unmasks
+    assert ((m0 & ~m1).sum(-1) <= 4).all()           # at most the 4 coupled positions per row
+    assert (m1.sum(-1) <= 12).all()                  # 4 of 16 always visible
+    assert ((m0 & ~m1).sum(-1) > 0).mean() > 0.5     # and it does bind
+    # the coupled set is uniform over positions: each position is coupled ~25% of the time
+    full = draws(mask_cfg(distribution="uniform_count", t_per="sample", t_min=0.99,
+                          coupling_ratio=0.25), n_draws=200, n=16)
+    visible = 1.0 - np.asarray(full.mask, np.float64).reshape(-1, 16).mean(0)
+    assert np.abs(visible - 0.25).max() < 0.06
+
+
+def test_coupling_ratio_out_of_range_is_named():
+    from emigm_jax.masking import coupled_positions
+    with pytest.raises(ValueError, match="mask.coupling_ratio=1.0 is invalid"):
+        coupled_positions(jax.random.key(0), 2, 16, 1.0)

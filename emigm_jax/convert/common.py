@@ -32,7 +32,7 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from flax import traverse_util
+from flax import serialization, traverse_util
 
 from emigm_jax.convert.torch_io import load_pth
 
@@ -284,3 +284,12 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
                              f"key=... to select the state dict (top-level keys: {sorted(obj)[:20]})")
         out[k] = to_numpy(v)
     return out
+
+
+def write_variables(variables: Mapping[str, Any], dst: str) -> None:
+    """Writes converted Flax variables to ``dst`` (.msgpack) and prints the parameter count."""
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with open(dst, "wb") as f:
+        f.write(serialization.msgpack_serialize(variables))
+    n = sum(v.size for v in flatten(variables).values())
+    print(f"wrote {dst}: {n:,} parameters")

@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from emigm_jax.convert.dcae import load_dcae
+from emigm_jax.convert.sdvq import load_sdvq
 from emigm_jax.convert.vae import load_kl_vae
 from emigm_jax.convert.vq import load_vq
 from emigm_jax.tokenizers.registry import WEIGHT_FILES, Tokenizer, build_tokenizer
@@ -22,6 +23,8 @@ def load_tokenizer_variables(tok: Tokenizer, path: str) -> dict:
         return load_kl_vae(path, tok.arch)
     if tok.name in ("vq", "vq8"):
         return load_vq(path, tok.arch)
+    if tok.name == "sdvq_f8":
+        return load_sdvq(path, tok.arch)
     return load_dcae(path, tok.arch)[0]
 
 

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from flax import serialization
 
 from emigm_jax.convert.common import (Rule, convert_state_dict, flatten, load_state_dict,
-                                      run_converter, select_entry, to_numpy)
+                                      run_converter, select_entry, to_numpy, write_variables)
 from emigm_jax.convert.torch_io import load_pth
 from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, vq_variable_shapes
 
@@ -123,11 +123,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cfg = {"vq16": VQ16, "vq8": VQ8}[args.arch]
     variables = load_vq(args.src, cfg, key=args.key, trusted_pickle=args.trusted_pickle)
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    with open(args.dst, "wb") as f:
-        f.write(serialization.msgpack_serialize(variables))
-    n = sum(v.size for v in flatten(variables).values())
-    print(f"wrote {args.dst}: {n:,} parameters")
+    write_variables(variables, args.dst)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emigm_jax.buckets import count_ladder
+from emigm_jax.models.ar import ARGenerator
 from emigm_jax.models.generator import MaskedGenerator
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -34,8 +35,10 @@ def encoder_ladder(config) -> tuple[int, ...]:
     return count_ladder(seq_len(config), m.get("encoder_buckets", ()), m.buffer_size, top)
 
 
-def build_model(config) -> MaskedGenerator:
+def build_model(config) -> MaskedGenerator | ARGenerator:
     m = config.model
+    if m.arch == "ar":
+        return build_ar_model(config)
     return MaskedGenerator(
         seq_len=seq_len(config), token_dim=token_dim(config), width=m.width,
         enc_depth=m.enc_depth, dec_depth=m.dec_depth, num_heads=m.num_heads,
@@ -48,6 +51,18 @@ def build_model(config) -> MaskedGenerator:
         block=m.block, qk_norm=m.qk_norm, post_norm=m.post_norm, pos_emb=m.pos_emb,
         head_mlp=m.head_mlp, time_cond=m.time_cond, remat=m.remat,
         scan_layers=m.get("scan_layers", False), dtype=DTYPES[m.dtype])
+
+
+def build_ar_model(config) -> ARGenerator:
+    """The causal model of ``model.arch='ar'``: ``enc_depth`` blocks, categorical output."""
+    m = config.model
+    return ARGenerator(
+        seq_len=seq_len(config), width=m.width, depth=m.enc_depth, num_heads=m.num_heads,
+        num_classes=m.num_classes, vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio,
+        attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout,
+        block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
+        post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
+        remat=m.remat, dtype=DTYPES[m.dtype])
 
 
 def dummy_inputs(config, batch: int = 1):
@@ -65,7 +80,10 @@ def dummy_inputs(config, batch: int = 1):
 def init_params(config, rng: jax.Array):
     """fp32 parameter pytree {'class_emb': ..., 'mask_token': ..., 'backbone': ..., 'diffloss'|'cat_head': ...}."""
     model = build_model(config)
-    variables = model.init(rng, *dummy_inputs(config), deterministic=True)
+    tokens, mask, labels = dummy_inputs(config)
+    if config.model.arch == "ar":
+        return model.init(rng, tokens, labels, deterministic=True)["params"]
+    variables = model.init(rng, tokens, mask, labels, deterministic=True)
     return variables["params"]
 
 

@@ -8,6 +8,10 @@ Options (config ``model.block``, ``model.qk_norm``, ``model.post_norm``, ``model
   * ``post_norm``: a norm on the outputs of the attention and MLP branches before the
     residual add (MaskGIL-XXL's stabiliser), on top of the pre-norms.
   * RoPE-2D (``rope`` angles passed in): layout documented in ``rope2d_angles``.
+  * ``causal`` (the autoregressive model): query i attends to keys 0..i. With a ``KVCache``
+    the block writes this call's keys/values at ``cache_index`` and attends over the cache,
+    so decoding one token costs one token's pass (the cache is an explicit input/output,
+    not hidden module state).
 
 The block mirrors timm's ``Block`` used by the reference code (fused qkv with bias, GELU MLP,
 attention-probability dropout and projection dropout, LayerNorm eps 1e-6) so that official
@@ -18,7 +22,7 @@ positions then equal those of a transformer that never saw the dropped tokens.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -118,6 +122,26 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+class KVCache(NamedTuple):
+    """One attention layer's keys and values for positions 0..L_max-1: [B, L_max, H, hd] each."""
+    k: jax.Array
+    v: jax.Array
+
+
+def allowed_keys(key_mask: Optional[jax.Array], causal: bool, num_queries: int,
+                 num_keys: int, offset=0) -> Optional[jax.Array]:
+    """Bool [B or 1, Lq, Lk] (True = may attend) or None when every key is allowed.
+
+    Query j sits at position offset + j; with ``causal`` it sees keys at positions <= its own.
+    """
+    allowed = None if key_mask is None else key_mask[:, None, :]
+    if causal:
+        q_pos = offset + jnp.arange(num_queries)[:, None]
+        tri = (jnp.arange(num_keys)[None, :] <= q_pos)[None]  # [1, Lq, Lk]
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection ([q | k | v], heads contiguous)."""
 
@@ -128,12 +152,16 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_kind: str = "vit"
     dtype: Any = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
-                 rope: Optional[jax.Array] = None):
+                 rope: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 cache_index=None):
         # x: [B, L, D]; key_mask: [B, L] bool, True = token may be attended to;
-        # rope: [B, L, hd/2] rotation angles or None.
+        # rope: [B, L, hd/2] rotation angles or None; cache: keys/values of earlier
+        # positions, x then holds positions cache_index..cache_index+L-1 (causal).
+        # Returns out [B, L, D], or (out, updated cache) when a cache is given.
         b, l, d = x.shape
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
@@ -146,7 +174,16 @@ class Attention(nn.Module):
             k = block_norm(self.norm_kind, "k_norm", self.dtype)(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, L]
+        offset = 0
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
+                                                    cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
+                                                    cache_index, axis=1)
+            cache, offset = KVCache(k, v), cache_index
+        allowed = allowed_keys(key_mask, self.causal or cache is not None, l, k.shape[1],
+                               offset)
+        mask = None if allowed is None else allowed[:, None]  # [B or 1, 1, Lq, Lk]
         if self.attn_dropout > 0 and not deterministic:
             probs = attention_probs(q, k, mask).astype(self.dtype)
             probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
@@ -157,7 +194,7 @@ class Attention(nn.Module):
         out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
             out = nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
-        return out
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -205,17 +242,21 @@ class ViTBlock(nn.Module):
     kind: str = "vit"
     qk_norm: bool = False
     post_norm: bool = False
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
-                 rope: Optional[jax.Array] = None):
-        # x: [B, L, D]
+                 rope: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 cache_index=None):
+        # x: [B, L, D]; with a cache returns (x, updated cache) (see Attention)
         d = x.shape[-1]
         llama = self.kind == "llama"
         h = block_norm(self.kind, "norm1", self.dtype)(x)
         h = Attention(self.num_heads, self.attn_dropout, self.proj_dropout, not llama,
-                      self.qk_norm, self.kind, self.dtype, name="attn")(
-                          h, key_mask, deterministic, rope)
+                      self.qk_norm, self.kind, self.dtype, self.causal, name="attn")(
+                          h, key_mask, deterministic, rope, cache, cache_index)
+        if cache is not None:
+            h, cache = h
         if self.post_norm:
             h = block_norm(self.kind, "post_norm1", self.dtype)(h)
         x = x + h
@@ -227,7 +268,7 @@ class ViTBlock(nn.Module):
                 h, deterministic)
         if self.post_norm:
             h = block_norm(self.kind, "post_norm2", self.dtype)(h)
-        return x + h
+        return x + h if cache is None else (x + h, cache)
 
 
 class BlockStack(ViTBlock):
@@ -249,20 +290,22 @@ class BlockStack(ViTBlock):
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
-                 rope: Optional[jax.Array] = None):
-        # x: [B, L, D]; key_mask: [B, L] bool or None; rope: [B, L, hd/2] or None
+                 rope: Optional[jax.Array] = None, caches: Optional[tuple] = None,
+                 cache_index=None):
+        """x [B, L, D] -> [B, L, D]; with ``caches`` (one KVCache per block, unrolled layout
+        only) -> (x, caches). key_mask: [B, L] bool or None; rope: [B, L, hd/2] or None."""
         block_cls = nn.remat(ViTBlock, static_argnums=(3,)) if self.remat else ViTBlock
         block_cls = nn.map_variables(block_cls, "params",
                                      trans_in_fn=functools.partial(gather_weights, dtype=self.dtype),
                                      init=self.is_initializing())
         args = (self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
-                self.dtype, self.kind, self.qk_norm, self.post_norm)
+                self.dtype, self.kind, self.qk_norm, self.post_norm, self.causal)
         x = constrain_rows(x)
         if not self.scan:
-            for i in range(self.depth):
-                x = block_cls(*args, name=f"{self.prefix}_{i}")(x, key_mask, deterministic, rope)
-                x = constrain_rows(x)
-            return x
+            return self._unrolled(block_cls, args, x, key_mask, deterministic, rope, caches,
+                                  cache_index)
+        if caches is not None:
+            raise ValueError("KV caches need the unrolled layout (model.scan_layers=False)")
 
         def body(block, carry, mask, angles):
             return constrain_rows(block(carry, mask, deterministic, angles)), None
@@ -272,3 +315,16 @@ class BlockStack(ViTBlock):
                           in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
         x, _ = scanned(block_cls(*args, name=self.prefix), x, key_mask, rope)
         return x
+
+    def _unrolled(self, block_cls, args, x, key_mask, deterministic, rope, caches, cache_index):
+        """Blocks ``{prefix}_{i}`` one after another, threading the KV caches when given."""
+        new_caches = []
+        for i in range(self.depth):
+            block = block_cls(*args, name=f"{self.prefix}_{i}")
+            if caches is None:
+                x = block(x, key_mask, deterministic, rope)
+            else:
+                x, cache = block(x, key_mask, deterministic, rope, caches[i], cache_index)
+                new_caches.append(cache)
+            x = constrain_rows(x)
+        return x if caches is None else (x, tuple(new_caches))

@@ -124,3 +124,11 @@ def differential_draw(filtered, p_prev, gumbel_noise, mask, k, frac: float, draw
     p_t = jnp.where(tot > 0, diff / jnp.where(tot > 0, tot, 1.0), p_now)
     drawn_d = jnp.argmax(log_or_min(p_t) + gumbel_noise, axis=-1)
     return jnp.where(sel, drawn_d, drawn), p_now
+
+
+def momentum_probs(p, p_prev, c):
+    """BAG momentum2's prediction (``plan`` module doc): clip(p + c (p - p_prev), 0),
+    renormalised; p, p_prev [..., V], c [] -> [..., V]. The unclipped sum is 1, so the
+    clipped one is >= 1 and the division is safe."""
+    q = jnp.maximum(p + c * (p - p_prev), 0.0)
+    return q / jnp.sum(q, axis=-1, keepdims=True)

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emigm_jax import sharding as shd
+from emigm_jax.sampling import ar, ar_prefix
 from emigm_jax.sampling.sampler import make_sampler
 
 
@@ -42,6 +43,18 @@ def sample_batch_size(config, mesh) -> int:
     return max(n_dev, bs - bs % n_dev)
 
 
+def sampler_for(config):
+    """The jitted ``(params, labels, rng)`` sampler of a config: the masked sampler, the AR
+    sampler (``model.arch='ar'``), or MaskGIL's AR prefix (``sample.ar_prefix`` > 0; then
+    ``params`` is ``{'masked': ..., 'ar': ...}``, see ``main.sampling_params``)."""
+    if config.model.arch == "ar":
+        return ar.make_ar_sampler(config)
+    if ar_prefix.prefix_length(config) > 0:
+        return ar_prefix.make_prefix_sampler(
+            config, ar_prefix.load_ar_config(config.sample.get("ar_workdir", "")))
+    return make_sampler(config)
+
+
 def generate_batches(params, labels: np.ndarray, config, mesh, seed: int, *, start: int = 0,
                      times: GenerationTimes | None = None, progress: bool = True,
                      desc: str = "sampling") -> Iterator[GeneratedBatch]:
@@ -54,7 +67,7 @@ def generate_batches(params, labels: np.ndarray, config, mesh, seed: int, *, sta
     if start % bs:
         raise ValueError(f"generation start={start} is not a multiple of the batch size {bs}")
     times = times if times is not None else GenerationTimes()
-    sampler, compiled, rng = make_sampler(config), None, jax.random.key(seed)
+    sampler, compiled, rng = sampler_for(config), None, jax.random.key(seed)
     bar = tqdm(total=len(labels), initial=start, unit="img", desc=desc, dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0, mininterval=1.0)
     for first in range(start, len(labels), bs):

@@ -4,6 +4,19 @@ Everything here depends only on the static config and is computed once in float6
 before tracing; the scan (``emigm_jax.sampling.sampler``) reads the results as constants.
 NFE = num_iter + number of guided steps (+ Z-sampling passes): ``step_nfe`` is the one
 source of that count, and the scan's own ``info['nfe']`` must agree with it.
+
+BAG's momentum solver (``sample.mgt_solver='momentum2'``, BAG paper Sec. 4.3 and App. 9.8).
+The paper's Eq. 4 (sigma_t / sigma_s) and Eq. 13 (sigma_s / sigma_t) disagree and give no
+token form for the second-order term; resolved here from its own derivation (Eq. 11-12, in
+the mask ratio sigma): z_t = (s/t) z_s + ((t - s)/t) [f_s + ((t - s)/2) df/ds], i.e. the
+first-order part is the vanilla step (the same share of tokens is revealed, by the same rule)
+and the second-order term changes only the prediction the revealed tokens are drawn from:
+f at the middle of the step, extrapolated with the finite difference over the previous step
+(DPM-Solver's multistep form). In probabilities, at step k >= 1 (sigma_k = gamma(t_k)):
+p~ = p_k + c_k (p_k - p_{k-1}), c_k = (sigma_k - sigma_{k+1}) / (2 (sigma_{k-1} - sigma_k)),
+clipped at 0 and renormalised (``momentum_coefficients``; ``draws.momentum_probs``); p are
+the guided (and noise-regularised) distributions before temperature / top-k / top-p; step 0
+has no previous prediction and is vanilla.
 """
 from __future__ import annotations
 
@@ -34,6 +47,15 @@ def guided_steps(sample_cfg) -> np.ndarray:
 
 Z_SAMPLINGS = CHOICES["sample.z_sampling"]
 Z_SCORE_PASSES = {"none": 0, "masked": 1, "random": 0, "recover": 0}  # scoring passes / zigzag
+MGT_SOLVERS = CHOICES["sample.mgt_solver"]
+
+
+def z_score_passes(sample_cfg) -> int:
+    """Forward passes of one Z-sampling scoring: masked Z with ``z_cfg != 0`` (the inversion
+    CFG scale) adds the unconditional pass; ``z_cfg = 0`` is BAG's "no guidance pass"."""
+    mode = sample_cfg.get("z_sampling", "none")
+    guided = mode == "masked" and float(sample_cfg.get("z_cfg", 0.0)) != 0.0
+    return Z_SCORE_PASSES[mode] * (2 if guided else 1)
 
 
 def z_sampling_steps(sample_cfg) -> int:
@@ -51,13 +73,12 @@ def step_nfe(sample_cfg) -> np.ndarray:
     """int [K]: forward passes per image at each step (the one source of the NFE count).
 
     A step costs 1 (+1 unconditional pass when guided). A Z-sampling step adds its
-    scoring pass (``masked`` only: ``Z_SCORE_PASSES``) and the redone step (1, +1 if guided).
+    scoring passes (``masked`` only: ``z_score_passes``) and the redone step (1, +1 if guided).
     """
     guided = guided_steps(sample_cfg).astype(np.int64)
     base = 1 + guided
     zig = np.arange(int(sample_cfg.num_iter)) < z_sampling_steps(sample_cfg)
-    score = Z_SCORE_PASSES[sample_cfg.get("z_sampling", "none")]
-    return base + zig * (score + base)
+    return base + zig * (z_score_passes(sample_cfg) + base)
 
 
 def expected_nfe(sample_cfg) -> int:
@@ -83,6 +104,8 @@ class CompanionOptions:
     diff_frac: float
     argmax_from: int       # -1 = off
     z_sampling: str        # none | masked | random | recover
+    z_cfg: float = 0.0     # inversion CFG scale of masked-Z scoring (0 = no guidance pass)
+    mgt_solver: str = "vanilla"  # vanilla | momentum2
 
     @property
     def noise_on(self) -> bool:
@@ -115,7 +138,8 @@ def companion_options(sample_cfg, categorical: bool = True) -> CompanionOptions:
         gumbel_anneal=sc.get("gumbel_anneal", "linear"), noise_reg=sc.get("noise_reg", "none"),
         noise_reg_scale=float(sc.get("noise_reg_scale", 1.0)),
         diff_frac=float(sc.get("diff_frac", 0.0)), argmax_from=int(sc.get("argmax_from", -1)),
-        z_sampling=sc.get("z_sampling", "none"))
+        z_sampling=sc.get("z_sampling", "none"), z_cfg=float(sc.get("z_cfg", 0.0)),
+        mgt_solver=sc.get("mgt_solver", "vanilla"))
     _check_ranges(opts, sc, categorical)
     return opts
 
@@ -129,13 +153,17 @@ def _check_ranges(opts: CompanionOptions, sc, categorical: bool) -> None:
     if opts.noise_reg_scale < 0:
         raise ConfigError(f"config.sample.noise_reg_scale={opts.noise_reg_scale!r} is invalid: "
                           "expected a value >= 0")
+    if opts.z_cfg < 0:
+        raise ConfigError(f"config.sample.z_cfg={opts.z_cfg!r} is invalid: expected a value "
+                          ">= 0 (0 = no guidance pass in the masked-Z scoring)")
     if opts.argmax_from < -1:
         raise ConfigError(f"config.sample.argmax_from={opts.argmax_from!r} is invalid: expected "
                           "-1 (off) or a step index >= 0")
     if not categorical:
         for name, on in (("final_argmax", opts.final_argmax), ("noise_reg", opts.noise_on),
                          ("diff_frac", opts.diff_frac > 0), ("argmax_from", opts.argmax_from >= 0),
-                         ("z_sampling", opts.z_sampling != "none")):
+                         ("z_sampling", opts.z_sampling != "none"),
+                         ("mgt_solver", opts.mgt_solver != "vanilla")):
             if on:
                 raise ConfigError(f"config.sample.{name}={sc.get(name)!r} needs token "
                                   "probabilities: only available with model.head='categorical'")
@@ -174,6 +202,31 @@ def head_chunk(sample_cfg, n: int) -> int:
         raise ConfigError(f"config.sample.head_chunk={chunk!r} is invalid: expected an "
                           "integer >= 1 (tokens per sample per head call)")
     return n if mode == "full" else min(int(chunk), n)
+
+
+def ar_prefix_length(sample_cfg, n: int) -> int:
+    """m = round(sample.ar_prefix * N): raster positions an AR model writes before the masked
+    sampler starts (MaskGIL's AR prefix, ``emigm_jax.ar_prefix``); 0 when off."""
+    share = float(sample_cfg.get("ar_prefix", 0.0))
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"config.sample.ar_prefix={share!r} is invalid: expected a share in "
+                          "[0, 1]")
+    return int(round(share * n))
+
+
+def momentum_coefficients(sample_cfg, schedule: MaskSchedule | None = None) -> np.ndarray:
+    """float64 [K]: the momentum2 extrapolation weight c_k of step k (module docstring).
+
+    c_0 = 0 (no previous prediction); c_k = (sigma_k - sigma_{k+1}) / (2 (sigma_{k-1} -
+    sigma_k)) with sigma = gamma on the time grid (0 where the previous step did not move).
+    """
+    schedule = schedule or schedule_from_config(sample_cfg)
+    sigma = schedule.gamma(time_grid(sample_cfg), np)  # [K + 1]
+    c = np.zeros(int(sample_cfg.num_iter))
+    prev_gap = sigma[:-2] - sigma[1:-1]                 # sigma_{k-1} - sigma_k, k >= 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c[1:] = np.where(prev_gap > 0, (sigma[1:-1] - sigma[2:]) / (2.0 * prev_gap), 0.0)
+    return c
 
 
 def head_ladder(sample_cfg, n: int) -> tuple[int, ...]:

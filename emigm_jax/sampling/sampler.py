@@ -15,13 +15,14 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from emigm_jax.config_validation import validate_config
+from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.masking import row_ranks
 from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.sampling import draws
 from emigm_jax.sampling.head_draw import HeadDraw, make_head_draw, revealed_values
-from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, Z_SCORE_PASSES, head_ladder,
-                                     companion_options, make_plan, z_sampling_steps)
+from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, ar_prefix_length,
+                                     companion_options, head_ladder, make_plan,
+                                     momentum_coefficients, z_sampling_steps, z_score_passes)
 from emigm_jax.sharding import gather_weights
 
 
@@ -32,6 +33,7 @@ class SamplerState:
     mask: jax.Array        # [B, N] bool, True = still masked
     nfe: jax.Array         # [] int32, forward passes per image so far
     probs: Any = None      # [B, N, V] previous step's filtered probs (diff_frac > 0), else None
+    pred: Any = None       # [B, N, V] previous step's guided probs (mgt_solver momentum2)
 
 
 @flax.struct.dataclass
@@ -43,6 +45,7 @@ class StepInputs:
     guided: jax.Array      # [] bool, runs the unconditional pass
     is_last: jax.Array     # [] bool
     key: jax.Array         # [2] keys: uniforms, DDPM noise
+    momentum: Any = None   # [] float32 c_k of mgt_solver momentum2, else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,6 +62,7 @@ class SamplerSpec:
     t_before: jax.Array    # [K] time of the state entering step k
     t_after: jax.Array     # [K] time of the state after step k
     head: HeadDraw | None
+    prefix: int = 0        # raster positions committed before step 0 (sample.ar_prefix)
 
     @property
     def categorical(self) -> bool:
@@ -105,11 +109,15 @@ def transformer_pass(spec: SamplerSpec, params, labels, state: SamplerState, xs:
 
 
 def reveal_count(spec: SamplerSpec, mask, xs: StepInputs, u):
-    """Tokens revealed this step, the same for every sample: int32 []."""
+    """Tokens revealed this step, the same for every sample: int32 [].
+
+    The count rule keeps ceil(gamma(s) (N - prefix)) masked: it scales to the tokens that
+    started masked (all N unless an AR prefix is committed).
+    """
     n = spec.n
     n_masked = jnp.sum(mask[0])
     if spec.opts.reveal == "count":
-        keep_masked = jnp.ceil(n * xs.gamma_s - 1e-6).astype(jnp.int32)
+        keep_masked = jnp.ceil((n - spec.prefix) * xs.gamma_s - 1e-6).astype(jnp.int32)
         count = jnp.clip(n_masked - keep_masked, 1, n_masked)
     else:  # Binomial(n_masked, p_reveal), shared by the batch, at least 1
         count = jnp.sum((jnp.arange(n) < n_masked) & (u[0, :, 1] < xs.p_reveal))
@@ -144,6 +152,14 @@ def guided_logits(spec: SamplerSpec, params, z_c, z_u, w, xs: StepInputs):
             spec.opts.noise_reg, xs.k / int(spec.sample_cfg.num_iter))
         logits = logits + strength * eps
     return logits
+
+
+def momentum_logits(logits, state: SamplerState, xs: StepInputs):
+    """(logits, pred): BAG momentum2 (``plan`` module doc) from step 1 on; pred = this
+    step's guided probs for the next step's finite difference."""
+    pred = jax.nn.softmax(logits, axis=-1)
+    extrapolated = draws.log_or_min(draws.momentum_probs(pred, state.pred, xs.momentum))
+    return jnp.where(xs.k >= 1, extrapolated, logits), pred
 
 
 def draw_categorical(spec: SamplerSpec, logits, state: SamplerState, xs: StepInputs, u):
@@ -188,13 +204,16 @@ def reveal_positions(mask, score, count):
 def categorical_step(spec, params, z_c, z_u, w, count, state: SamplerState, xs, u):
     """Tokens and probs after a categorical step."""
     logits = guided_logits(spec, params, z_c, z_u, w, xs)
+    pred = state.pred
+    if spec.opts.mgt_solver == "momentum2":
+        logits, pred = momentum_logits(logits, state, xs)
     drawn, probs = draw_categorical(spec, logits, state, xs, u)
     score = u[..., 0]  # random order
     if spec.sample_cfg.order == "confidence":
         score = confidence_score(spec, logits, drawn, xs, u)
     reveal, _ = reveal_positions(state.mask, score, count)
     tokens = jnp.where(reveal, drawn.astype(state.tokens.dtype), state.tokens)
-    return state.replace(tokens=tokens, mask=state.mask & ~reveal, probs=probs)
+    return state.replace(tokens=tokens, mask=state.mask & ~reveal, probs=probs, pred=pred)
 
 
 def diffusion_step(spec, params, z_c, z_u, w, count, state: SamplerState, xs, u):
@@ -223,7 +242,8 @@ def zigzag_remask(spec, params, labels, before: SamplerState, after: SamplerStat
     """(mask [B, N] to redo from, nfe): ``count`` tokens of ``after`` masked again.
 
     ``recover`` restores the step's starting mask; ``masked`` scores every unmasked token by
-    log p(x_j | state) from one extra conditional pass (older tokens may be re-masked);
+    log p(x_j | state) from one extra conditional pass (older tokens may be re-masked; with
+    ``z_cfg`` w != 0 also an unconditional pass, scored with the sampler's guidance at w);
     ``random`` picks them at random.
     """
     mode, b, n = spec.opts.z_sampling, after.tokens.shape[0], spec.n
@@ -231,17 +251,33 @@ def zigzag_remask(spec, params, labels, before: SamplerState, after: SamplerStat
     if mode == "recover":
         return after.mask | (before.mask & ~after.mask), nfe
     if mode == "masked":
-        t_next = jnp.full((b,), spec.t_after[xs.k.astype(jnp.int32)])
-        zs = spec.net(params, after.tokens, after.mask, labels, t_next).astype(jnp.float32)
-        logp = jax.nn.log_softmax(spec.model.apply({"params": params}, zs, method="logits"),
-                                  axis=-1)
+        logp = jax.nn.log_softmax(zigzag_score_logits(spec, params, labels, after, xs), axis=-1)
         score = jnp.take_along_axis(logp, after.tokens[..., None], axis=-1)[..., 0]
-        nfe = nfe + Z_SCORE_PASSES[mode]
+        nfe = nfe + z_score_passes(spec.sample_cfg)
     else:  # random
         score = jax.random.uniform(jax.random.fold_in(xs.key[0], 3), (b * n,),
                                    jnp.float32).reshape(b, n)
     score = jnp.where(unmasked, score, jnp.inf)
     return after.mask | (unmasked & (row_ranks(score) < count)), nfe
+
+
+def zigzag_score_logits(spec: SamplerSpec, params, labels, after: SamplerState, xs):
+    """Logits [B, N, V] of the masked-Z inversion scoring on the state after the step: the
+    conditional pass (z_cfg = 0, BAG's default), or guided at w = z_cfg in the sampler's
+    CFG space (an unconditional pass more)."""
+    b, w = after.tokens.shape[0], spec.opts.z_cfg
+    t_next = jnp.full((b,), spec.t_after[xs.k.astype(jnp.int32)])
+    apply = functools.partial(spec.model.apply, {"params": params}, method="logits")
+    if w == 0.0:
+        return apply(spec.net(params, after.tokens, after.mask, labels, t_next).astype(jnp.float32))
+    z = spec.net(params, jnp.concatenate([after.tokens, after.tokens]),
+                 jnp.concatenate([after.mask, after.mask]),
+                 jnp.concatenate([labels, -jnp.ones_like(labels)]),
+                 jnp.concatenate([t_next, t_next])).astype(jnp.float32)
+    lc, lu = jnp.split(apply(z), 2)
+    if spec.opts.cfg_space == "probs":
+        return draws.cfg_probs_logits(lc, lu, w)
+    return lu + w * (lc - lu)
 
 
 def sampler_step(spec: SamplerSpec, params, labels, state: SamplerState, xs: StepInputs):
@@ -253,7 +289,8 @@ def sampler_step(spec: SamplerSpec, params, labels, state: SamplerState, xs: Ste
 
     def zigzag(after: SamplerState):
         mask, nfe = zigzag_remask(spec, params, labels, state, after, count, xs)
-        redo = SamplerState(tokens=after.tokens, mask=mask, nfe=nfe, probs=state.probs)
+        redo = SamplerState(tokens=after.tokens, mask=mask, nfe=nfe, probs=state.probs,
+                            pred=state.pred)
         redo_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 2))(xs.key)
         return mask_predict_step(spec, params, labels, redo, xs.replace(key=redo_keys))
 
@@ -263,32 +300,45 @@ def sampler_step(spec: SamplerSpec, params, labels, state: SamplerState, xs: Ste
     return jax.lax.cond(xs.k < z_steps, zigzag, lambda f: (f, count), first)
 
 
-def initial_state(spec: SamplerSpec, b: int) -> SamplerState:
-    """Everything masked; token values are placeholders."""
+def initial_state(spec: SamplerSpec, b: int, prefix=None) -> SamplerState:
+    """Everything masked (token values are placeholders), or with ``prefix`` [B, N] int the
+    first ``spec.prefix`` raster positions committed to its values (AR prefix)."""
     if spec.categorical:
         tokens = jnp.zeros((b, spec.n), jnp.int32)
     else:
         tokens = jnp.zeros((b, spec.n, spec.c), jnp.float32)
-    probs = None
+    mask = jnp.ones((b, spec.n), bool)
+    if spec.prefix > 0:
+        if prefix is None:
+            raise ValueError(f"sample.ar_prefix commits {spec.prefix} tokens: pass their "
+                             "values (emigm_jax.ar_prefix.sample does)")
+        committed = jnp.arange(spec.n) < spec.prefix  # [N]
+        tokens = jnp.where(committed, prefix.astype(jnp.int32), tokens)
+        mask = jnp.broadcast_to(~committed, (b, spec.n))
+    probs = pred = None
     if spec.opts.diff_frac > 0:
         probs = jnp.zeros((b, spec.n, spec.vocab), jnp.float32)
-    return SamplerState(tokens=tokens, mask=jnp.ones((b, spec.n), bool), nfe=jnp.int32(0),
-                        probs=probs)
+    if spec.opts.mgt_solver == "momentum2":
+        pred = jnp.zeros((b, spec.n, spec.vocab), jnp.float32)
+    return SamplerState(tokens=tokens, mask=mask, nfe=jnp.int32(0), probs=probs, pred=pred)
 
 
 def step_inputs(spec: SamplerSpec, rng) -> StepInputs:
     """The scan's xs: [K] per-step constants and keys [K, 2] (uniforms, DDPM noise)."""
     k_steps, plan = int(spec.sample_cfg.num_iter), spec.plan
+    momentum = None
+    if spec.opts.mgt_solver == "momentum2":
+        momentum = jnp.asarray(momentum_coefficients(spec.sample_cfg), jnp.float32)
     return StepInputs(k=jnp.arange(k_steps, dtype=jnp.float32),
                       p_reveal=jnp.asarray(plan.p_reveal, jnp.float32),
                       gamma_s=jnp.asarray(plan.gamma_s, jnp.float32),
                       guided=jnp.asarray(plan.guided), is_last=jnp.arange(k_steps) == k_steps - 1,
-                      key=jax.random.split(rng, (k_steps, 2)))
+                      key=jax.random.split(rng, (k_steps, 2)), momentum=momentum)
 
 
-def run_sampler(spec: SamplerSpec, params, labels, rng):
+def run_sampler(spec: SamplerSpec, params, labels, rng, prefix=None):
     """(tokens, info) for ``labels`` [B]; see ``sample``."""
-    state = initial_state(spec, labels.shape[0])
+    state = initial_state(spec, labels.shape[0], prefix)
     state, counts = jax.lax.scan(
         lambda st, xs: sampler_step(spec, params, labels, st, xs), state, step_inputs(spec, rng))
     return state.tokens, {"nfe": state.nfe, "reveal_counts": counts,
@@ -320,10 +370,14 @@ def build_spec(config, transformer_fn: Callable | None = None) -> SamplerSpec:
     net = (functools.partial(model_net, model) if transformer_fn is None
            else functools.partial(stand_in_net, transformer_fn))
     head = None if categorical else make_head_draw(sc, model, c, plan.chunk, head_ladder(sc, n))
+    prefix = ar_prefix_length(sc, n)
+    if prefix and not categorical:
+        raise ConfigError(f"config.sample.ar_prefix={sc.ar_prefix!r} needs token ids from an "
+                          "AR model: only available with model.head='categorical'")
     return SamplerSpec(model=model, net=net, n=n, c=c,
                        vocab=int(config.model.vocab_size) if categorical else 0, opts=opts,
                        plan=plan, sample_cfg=sc, t_before=jnp.asarray(plan.t, jnp.float32),
-                       t_after=jnp.asarray(plan.s, jnp.float32), head=head)
+                       t_after=jnp.asarray(plan.s, jnp.float32), head=head, prefix=prefix)
 
 
 _SAMPLERS: dict[str, Any] = {}
@@ -340,13 +394,14 @@ def make_sampler(config, transformer_fn: Callable | None = None):
     return _SAMPLERS[key]
 
 
-def sample(params, labels: jax.Array, rng: jax.Array, config):
+def sample(params, labels: jax.Array, rng: jax.Array, config, prefix=None):
     """Samples tokens for ``labels`` [B] (-1 = unconditional) with ``config.sample``.
 
     Returns (tokens [B, N, C] float32 or [B, N] int32, info) with info['nfe'] the forward
     passes per image actually spent, info['reveal_counts'] [num_iter] tokens revealed per
     step (the same for every image) and info['masked_left'] (always 0). Compiled once per
     (model, sample) config and input shapes; ``rng`` fixes the result, also when the batch
-    is sharded over devices.
+    is sharded over devices. ``prefix`` [B, N] int: the AR-prefix tokens when
+    ``sample.ar_prefix`` > 0 (``emigm_jax.ar_prefix.sample`` draws them).
     """
-    return make_sampler(config)(params, labels, rng)
+    return make_sampler(config)(params, labels, rng, prefix)

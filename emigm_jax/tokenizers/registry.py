@@ -10,7 +10,8 @@ the h x w grid in raster order), identically on device (JAX) and on host (numpy,
 Names: ``kl16`` (MAR's KL-16, scale 0.2325), ``dcae_f32c32`` (DC-AE f32c32-in-1.0, scale
 0.3189) and ``vq`` (LlamaGen VQ-16, discrete: K = 0, "moments" are the code ids
 [B, 1, h, w, 1] and tokens are int32 ids [B, N]); ``vq8`` is LlamaGen's VQ-8 (same codebook,
-stride 8). ``arch`` overrides architecture fields
+stride 8); ``sdvq_f8`` is latent-diffusion's VQ-f8 (16,384 x 4 codebook, plain L2, stride 8:
+Discrete Interpolants' tokens). ``arch`` overrides architecture fields
 (tiny test models with the same code).
 """
 from __future__ import annotations
@@ -23,14 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
+from emigm_jax.tokenizers.sdvq import SD_VQ_F8, SDVQConfig, SDVQModel
 from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
 from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, VQModel
 
-DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189, "vq": 1.0, "vq8": 1.0}
+DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189, "vq": 1.0, "vq8": 1.0, "sdvq_f8": 1.0}
 TOKENIZER_NAMES = tuple(DEFAULT_SCALES)
 WEIGHT_FILES = {"kl16": "kl16.ckpt from MAR",
                 "dcae_f32c32": "the dc-ae-f32c32-in-1.0-diffusers directory",
-                "vq": "LlamaGen's vq_ds16_c2i.pt", "vq8": "LlamaGen's vq_ds8_c2i.pt"}
+                "vq": "LlamaGen's vq_ds16_c2i.pt", "vq8": "LlamaGen's vq_ds8_c2i.pt",
+                "sdvq_f8": "latent-diffusion's vq-f8 model.ckpt"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,8 @@ class Tokenizer:
     0 for a discrete codebook (tokens are ids).
     """
     name: str
-    module: Any          # AutoencoderKL | AutoencoderDC
-    arch: Any            # KLVAEConfig | DCAEConfig
+    module: Any          # AutoencoderKL | AutoencoderDC | VQModel | SDVQModel
+    arch: Any            # KLVAEConfig | DCAEConfig | VQConfig | SDVQConfig
     scale: float
     num_moments: int
 
@@ -103,7 +106,7 @@ class Tokenizer:
     def encode_moments(self, variables, images: jax.Array) -> jax.Array:
         """Images [B, H, W, 3] in [-1, 1] -> moments [B, K, h, w, C] float32."""
         if self.num_moments == 0:
-            ids = self.module.apply(variables, images, method=VQModel.encode)  # [B, h*w]
+            ids = self.module.apply(variables, images, method="encode")  # [B, h*w]
             g = int(round(ids.shape[1] ** 0.5))
             return ids.reshape(ids.shape[0], 1, g, g, 1)
         if self.num_moments == 2:
@@ -135,7 +138,7 @@ class Tokenizer:
     def decode_tokens(self, variables, tokens: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
         """Scaled tokens [B, N, C] (ids [B, N] for vq) -> images [B, H, W, 3] (roughly [-1, 1])."""
         if self.num_moments == 0:
-            return self.module.apply(variables, tokens, grid, method=VQModel.decode)
+            return self.module.apply(variables, tokens, grid, method="decode")
         b, n, c = tokens.shape
         if grid is None:
             g = int(round(n ** 0.5))
@@ -170,6 +173,7 @@ def build_tokenizer(name: str, *, scale: float | None = None, arch: Mapping | No
         "dcae_f32c32": (DC_AE_F32C32_IN, DCAEConfig, AutoencoderDC, 1),
         "vq": (VQ16, VQConfig, VQModel, 0),
         "vq8": (VQ8, VQConfig, VQModel, 0),
+        "sdvq_f8": (SD_VQ_F8, SDVQConfig, SDVQModel, 0),
     }[name]
     known = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(overrides) - known)

@@ -37,6 +37,7 @@ class KLVAEConfig:
     in_channels: int = 3
     out_ch: int = 3
     embed_dim: int = 16                                # = z_channels in MAR
+    double_z: bool = True                              # encoder emits 2 x z (mean | logvar)
     num_groups: int = 32
     norm_eps: float = 1e-6
 
@@ -156,7 +157,7 @@ class Encoder(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, 2*z]
+    def __call__(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, 2*z] (z with double_z=False)
         c, dt, pr = self.cfg, self.dtype, self.precision
         n = len(c.ch_mult)
         h = conv2d(c.ch, 3, "conv_in", dt, pr)(x)
@@ -169,7 +170,7 @@ class Encoder(nn.Module):
                 res //= 2
         h = MidBlock(c, dt, pr, name="mid")(h)
         h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return conv2d(2 * c.embed_dim, 3, "conv_out", dt, pr)(h)
+        return conv2d((2 if c.double_z else 1) * c.embed_dim, 3, "conv_out", dt, pr)(h)
 
 
 class Decoder(nn.Module):
