@@ -48,6 +48,30 @@ def switch_on_count(need: jax.Array, rungs: Sequence[int],
     return jax.lax.switch(rung_index(need, rungs), [branch(r) for r in rungs], *operands)
 
 
+def keep_first_order(keep: jax.Array) -> jax.Array:
+    """Permutation per row that lists kept positions first, each group in original order.
+
+    keep: [B, L] bool -> [B, L] int32.
+    """
+    return jnp.argsort(jnp.logical_not(keep).astype(jnp.int32), axis=1, stable=True)
+
+
+def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Per-sample row gather: x [B, N, ...], idx [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def put_rows(out: jax.Array, pos: jax.Array, vals: jax.Array) -> jax.Array:
+    """Per-sample row scatter: out [B, M, ...] with out[b, pos[b, k]] = vals[b, k].
+
+    Why vmap: a scatter indexed by (arange(B), pos) hides that the batch dim is shared by
+    operand, indices and updates, so GSPMD gathers the whole batch onto every device when
+    the rows are sharded; the vmapped scatter carries the batch as a batching dim and stays
+    local to each device's examples (tests/test_plan.py checks the compiled collectives).
+    """
+    return jax.vmap(lambda o, p, v: o.at[p].set(v))(out, pos, vals)
+
+
 def check_fractions(value, field: str) -> str | None:
     """None when ``value`` is a strictly increasing sequence of fractions in (0, 1), else the
     reason (for config validation)."""

@@ -15,12 +15,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from emigm_jax.buckets import count_ladder, switch_on_count
+from emigm_jax.buckets import (count_ladder, gather_rows, keep_first_order, put_rows,
+                               switch_on_count)
 from emigm_jax.diffusion import gaussian
 from emigm_jax.masking import sample_mask
 from emigm_jax.models import DTYPES, build_model
 from emigm_jax.models.categorical_head import cross_entropy
-from emigm_jax.models.mae import keep_first_order
 from emigm_jax.schedules import schedule_from_config
 from emigm_jax.sharding import constrain_rows, gather_weights
 
@@ -81,12 +81,10 @@ def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: i
     def branch(cap):
         def run(x0, z, t, noise):
             idx = order[:, :cap]  # [B, cap]
-            take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)),
-                                                 axis=1)
-            take_m = lambda a: jax.vmap(take)(a)  # over the batch_mul draws
-            parts = rows_loss(take(x0), take(z), take_m(t), take_m(noise))
-            rows = jnp.arange(b)[:, None]
-            return tuple(jnp.zeros((b, n), v.dtype).at[rows, idx].set(v) for v in parts)
+            take_m = jax.vmap(gather_rows, in_axes=(0, None))  # over the batch_mul draws
+            parts = rows_loss(gather_rows(x0, idx), gather_rows(z, idx), take_m(t, idx),
+                              take_m(noise, idx))
+            return tuple(put_rows(jnp.zeros((b, n), v.dtype), idx, v) for v in parts)
         return run
 
     need = jnp.max(jnp.sum(mask, axis=1))

@@ -30,19 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emigm_jax.buckets import rung_index
+from emigm_jax.buckets import gather_rows, keep_first_order, put_rows, rung_index
 from emigm_jax.sharding import constrain_rows
 from emigm_jax.models.transformer import BlockStack, block_norm, dense, rope2d_angles
 
 embed_init = nn.initializers.normal(0.02)
-
-
-def keep_first_order(keep: jax.Array) -> jax.Array:
-    """Permutation per row that lists kept positions first, each group in original order.
-
-    keep: [B, L] bool -> [B, L] int32.
-    """
-    return jnp.argsort(jnp.logical_not(keep).astype(jnp.int32), axis=1, stable=True)
 
 
 class MaskedTransformer(nn.Module):
@@ -177,15 +169,15 @@ class MaskedTransformer(nn.Module):
         """Kept tokens sorted into a [B, cap] buffer, encoded, scattered back to [B, L, D]."""
         b, total = keep.shape
         order = keep_first_order(keep)[:, :cap]  # [B, cap]
-        x = jnp.take_along_axis(x, order[..., None], axis=1)  # [B, cap, D]
-        valid = jnp.take_along_axis(keep, order, axis=1)  # [B, cap]
-        rope_enc = None if rope is None else jnp.take_along_axis(rope, order[..., None], axis=1)
+        x = gather_rows(x, order)  # [B, cap, D]
+        valid = gather_rows(keep, order)  # [B, cap]
+        rope_enc = None if rope is None else gather_rows(rope, order)
         x = self.encoder_blocks(x, valid, deterministic, rope_enc)
         x = self.decoder_embed(self.encoder_norm(x))
         # Scatter back: slot j of the sorted buffer goes to position order[j].
         pos = jnp.where(valid, order, total)  # invalid slots go to a dump row
         full = jnp.zeros((b, total + 1, self.width), x.dtype)
-        return full.at[jnp.arange(b)[:, None], pos].set(x)[:, :total]
+        return put_rows(full, pos, x)[:, :total]
 
     def _finish(self, x):
         """Drops the buffer tokens, adds the head's position embedding: [B, L, D] -> [B, N, D]."""

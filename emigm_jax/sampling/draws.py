@@ -30,11 +30,6 @@ def normal_from_uniform(u):
     return jnp.sqrt(2.0) * jax.lax.erf_inv(v)
 
 
-def gather_rows(x, idx):
-    """x [B, N, ...], idx [B, K] -> [B, K, ...]."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
 def noise_reg_strength(name: str, r):
     """BAG eq. 1's I(r) at progress r = k / T: |cos(pi r)|, 0.5 |cos(pi r)| or 0."""
     if name == "none":

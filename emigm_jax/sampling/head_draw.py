@@ -20,10 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from emigm_jax.buckets import switch_on_count
+from emigm_jax.buckets import gather_rows, put_rows, switch_on_count
 from emigm_jax.diffusion import ddpm as ddpm_lib
 from emigm_jax.diffusion import dpm_solver
-from emigm_jax.sampling.draws import gather_rows
 from emigm_jax.sharding import gather_weights
 
 
@@ -101,7 +100,7 @@ def chunked_draw(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, gu
         vals = draw_at(hd, params, z_c, z_u, w, noise, jax.random.fold_in(key, j), guided,
                        jnp.minimum(idx, n - 1))
         pos = jnp.where(valid, idx, n)  # [B, ch]; n = dump row
-        return out.at[jnp.arange(b)[:, None], pos].set(vals)
+        return put_rows(out, pos, vals)
 
     n_calls = (count + ch - 1) // ch
     out = jnp.zeros((b, n + 1, hd.c), jnp.float32)
