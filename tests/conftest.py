@@ -9,7 +9,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def tiny_config(head: str = "diffusion", arch: str = "mae"):
+def tiny_config(head: str = "diffusion", arch: str = "mae", ladders: bool = False):
+    """``ladders``: keep base's encoder and loss ladders. Off by default because every ladder
+    rung is one more compiled branch of the train step (6 + 3 by default, several times the
+    compile time of the plain step); tests/test_buckets.py proves the ladders exact and
+    tests/test_golden.py and tests/test_plan.py run the shipped configs with them on."""
     from configs import base
 
     c = base.get_config()
@@ -22,6 +26,8 @@ def tiny_config(head: str = "diffusion", arch: str = "mae"):
     m.attn_dropout = m.proj_dropout = 0.0
     if head == "categorical":
         m.vocab_size = 7
+    if not ladders:
+        m.encoder_buckets = m.loss_buckets = ()
     c.train.batch_size = 4
     return c
 

@@ -40,9 +40,9 @@ def test_count_ladder_and_rung_index():
 
 
 def test_default_ladders_and_validation():
-    c = tiny_config()  # 16 tokens, 4 buffers
+    c = tiny_config(ladders=True)  # 16 tokens, 4 buffers
     assert encoder_ladder(c) == (5, 6, 8, 10, 14, 20)
-    assert encoder_ladder(tiny_config(arch="single")) == (20,)
+    assert encoder_ladder(tiny_config(arch="single", ladders=True)) == (20,)
     from configs import emigm_xs_256
     assert encoder_ladder(emigm_xs_256.get_config()) == (80, 96, 128, 160, 224, 320)
     for bad in ((0.5, 0.25), (0.0, 0.5), (0.5, 1.0), ("x",)):
@@ -56,7 +56,7 @@ def test_default_ladders_and_validation():
 
 
 def test_bucketed_encoder_z_equals_full_capacity_for_many_masks():
-    c = tiny_config()
+    c = tiny_config(ladders=True)
     params = _perturbed(c)
     bucketed, full = build_model(c), build_model(_full(c))
     run = lambda m: jax.jit(lambda p, t, k, l: m.apply({"params": p}, t, k, l,
@@ -80,7 +80,7 @@ def test_bucketed_encoder_z_equals_full_capacity_for_many_masks():
 
 @pytest.mark.parametrize("t_per", ["batch", "sample"])
 def test_loss_and_every_gradient_equal_full_capacity(t_per):
-    c = tiny_config()
+    c = tiny_config(ladders=True)
     c.mask.t_per = t_per
     c.model.encoder_buckets, c.model.loss_buckets = (0.25, 0.5), (0.5, 0.75)  # few branches
     params = _perturbed(c)
@@ -132,7 +132,7 @@ def _shipped_sample_settings():
 def test_sampling_with_ladders_equals_full_capacity(name, head, sample):
     from emigm_jax import sampling
 
-    c = tiny_config(head=head)
+    c = tiny_config(head=head, ladders=True)
     for k, v in sample.items():
         c.sample[k] = v
     c.sample.head_capacity = "auto"

@@ -22,7 +22,8 @@ LIMIT_GIB = 0.008
 CONFIG = '''
 from tests.conftest import tiny_config
 def get_config():
-    c = tiny_config()
+    c = tiny_config(ladders=True)
+    c.model.encoder_buckets, c.model.loss_buckets = (0.5,), (0.75,)  # 2 rungs each
     c.model.enc_depth = c.model.dec_depth = 2
     c.model.scan_layers = True
     c.train.batch_size = 16
