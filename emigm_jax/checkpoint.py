@@ -32,6 +32,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 import jax
+import grain
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
@@ -93,7 +94,6 @@ def check_param_shapes(stored: Any, wanted: Any, where: str) -> None:
 
 
 def _grain_args():
-    import grain  # pylint: disable=import-outside-toplevel
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
@@ -140,7 +140,7 @@ class Checkpointer:
                     read_only: bool = False) -> "Checkpointer":
         c = config.checkpoint
         return cls(epath.Path(workdir) / "checkpoints", keep=int(c.keep),
-                   keep_every=int(c.get("keep_every", 0)), async_save=bool(c.async_save),
+                   keep_every=int(c.keep_every), async_save=bool(c.async_save),
                    every_steps=int(c.every_steps), read_only=read_only)
 
     # -- queries -------------------------------------------------------------------------------

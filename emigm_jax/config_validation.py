@@ -56,7 +56,7 @@ def sample_preset(config, name: str, source: str = "sample preset ",
     Shared by ``--sample_preset`` and ``sweep.presets``. ``source`` prefixes the name in the
     error (what the user typed); ``also_accepted`` lists names the caller handles itself.
     """
-    presets = as_dict(config.get("sample_presets", None))
+    presets = as_dict(config.sample_presets)
     if name not in presets:
         raise ConfigError(f"{source}{name!r} is not in config.sample_presets (available: "
                           f"{sorted(presets) + list(also_accepted)})")
@@ -163,7 +163,7 @@ def _check_model(m, mask) -> int:
                  "'categorical' with model.arch='ar' (next-token logits)")
         _require(m.dec_depth == 0, "model.dec_depth", m.dec_depth,
                  "0 with model.arch='ar' (one causal stack of model.enc_depth blocks)")
-    if m.get("pos_emb", "learned") == "rope2d":
+    if m.pos_emb == "rope2d":
         _require((m.width // m.num_heads) % 4 == 0, "model.num_heads", m.num_heads,
                  "a head count whose head dimension is divisible by 4 (rope2d)")
     _require(m.buffer_size >= 0, "model.buffer_size", m.buffer_size, "an integer >= 0")
@@ -194,13 +194,13 @@ def _check_model(m, mask) -> int:
 
 def _check_mask(k, side: int) -> None:
     _require(0.0 <= k.t_min < 1.0, "mask.t_min", k.t_min, "a value in [0, 1)")
-    _require(0.0 <= k.get("t_eps", 0.0) < 0.5, "mask.t_eps", k.get("t_eps", 0.0),
+    _require(0.0 <= k.t_eps < 0.5, "mask.t_eps", k.t_eps,
              "a value in [0, 0.5)")
     _require(0.0 <= k.p_eps < 1.0, "mask.p_eps", k.p_eps, "a value in [0, 1)")
     _require(1 <= k.min_masked <= side * side, "mask.min_masked", k.min_masked,
              f"an integer in [1, seq_len={side * side}]")
-    _require(0.0 <= k.get("coupling_ratio", 0.0) < 1.0, "mask.coupling_ratio",
-             k.get("coupling_ratio", 0.0), "a value in [0, 1)")
+    _require(0.0 <= k.coupling_ratio < 1.0, "mask.coupling_ratio",
+             k.coupling_ratio, "a value in [0, 1)")
     for name in ("exp_rate", "pow_rho", "poly_p"):
         _require(k[name] > 0, f"mask.{name}", k[name], "a value > 0")
 
@@ -234,7 +234,7 @@ def _check_sample(s) -> None:
     _require(s.temperature > 0, "sample.temperature", s.temperature, "a value > 0")
     _require(0.0 < s.top_p <= 1.0, "sample.top_p", s.top_p, "a value in (0, 1]")
     _require(s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0 = off)")
-    share = s.get("ar_prefix", 0.0)
+    share = s.ar_prefix
     _require(0.0 <= share <= 1.0, "sample.ar_prefix", share, "a share in [0, 1] (0 = off)")
-    _require(s.get("z_cfg", 0.0) >= 0, "sample.z_cfg", s.get("z_cfg", 0.0),
+    _require(s.z_cfg >= 0, "sample.z_cfg", s.z_cfg,
              "a value >= 0 (0 = no guidance pass in the masked-Z scoring)")

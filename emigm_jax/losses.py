@@ -116,7 +116,7 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
         per_token, mse, vb = diffusion_token_loss(
             model, params, tokens.astype(jnp.float32), z, rng_head,
             config.model.diffusion_batch_mul, config.model.num_diffusion_steps, draw.mask,
-            count_ladder(n, config.model.get("loss_buckets", ())))
+            count_ladder(n, config.model.loss_buckets))
     else:
         logits = model.apply({"params": params}, z, method="logits")
         per_token = cross_entropy(logits, tokens, config.train.label_smoothing)

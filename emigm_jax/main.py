@@ -29,6 +29,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from emigm_jax import plan
 from emigm_jax import sharding as shd
 from emigm_jax import train as train_lib
 from emigm_jax import workdir as workdir_lib
@@ -219,7 +220,7 @@ def sampling_params(config, params, mesh):
     ``sample.ar_prefix`` > 0 (MaskGIL's AR prefix; the AR run is ``sample.ar_workdir``)."""
     if ar_prefix.prefix_length(config) == 0:
         return params
-    ar_workdir = config.sample.get("ar_workdir", "")
+    ar_workdir = config.sample.ar_workdir
     _, ar_params = restore_ema_params(ar_prefix.load_ar_config(ar_workdir), ar_workdir, mesh)
     return {"masked": params, "ar": ar_params}
 
@@ -290,7 +291,6 @@ def main(argv) -> None:
         raise app.UsageError(str(e)) from e
 
     if _MODE.value == "plan":  # compile-only: no devices of the target are needed here
-        from emigm_jax import plan  # pylint: disable=import-outside-toplevel
         plan.set_cpu_devices(str(config.plan.target))
         try:
             validate_config(config)

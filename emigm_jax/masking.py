@@ -37,7 +37,7 @@ class MaskDraw(NamedTuple):
 
 def draw_time(rng: jax.Array, shape, mask_cfg) -> jax.Array:
     """t ~ U[t_eps, 1 - t_eps], then max(t, t_min), then p = (1 - p_eps) t + p_eps."""
-    t_eps = float(mask_cfg.get("t_eps", 0.0))
+    t_eps = float(mask_cfg.t_eps)
     t = jax.random.uniform(rng, shape, minval=t_eps, maxval=1.0 - t_eps)
     t = jnp.maximum(t, mask_cfg.t_min)
     return (1.0 - mask_cfg.p_eps) * t + mask_cfg.p_eps
@@ -108,7 +108,7 @@ def sample_mask(rng: jax.Array, batch: int, n: int, mask_cfg,
         mask = _permute_rows(rng_perm, mask[0], batch)
         p = jnp.broadcast_to(p.reshape(()), (batch,))
         ratio = jnp.broadcast_to(ratio.reshape(-1)[0], (batch,))
-    coupling = float(mask_cfg.get("coupling_ratio", 0.0))
+    coupling = float(mask_cfg.coupling_ratio)
     if coupling > 0:
         mask = mask & ~coupled_positions(jax.random.fold_in(rng, COUPLING_STREAM), batch, n,
                                          coupling)

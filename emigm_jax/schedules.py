@@ -120,7 +120,7 @@ def schedule_from_config(cfg) -> MaskSchedule:
     """
     return get_schedule(
         cfg.schedule,
-        exp_rate=float(cfg.get("exp_rate", 5.0)),
-        pow_rho=float(cfg.get("pow_rho", 0.5)),
-        poly_p=float(cfg.get("poly_p", 0.5)),
+        exp_rate=float(cfg.exp_rate),
+        pow_rho=float(cfg.pow_rho),
+        poly_p=float(cfg.poly_p),
     )

@@ -160,7 +160,7 @@ def named_shardings(tree, mesh: Mesh, rules: Iterable[Rule] = (), min_size: int 
 
 def rules_from_config(config) -> list[Rule]:
     """``config.mesh.rules`` (optional): sequence of (regex, spec) pairs."""
-    return [tuple(r) for r in config.mesh.get("rules", ())]
+    return [tuple(r) for r in config.mesh.rules]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

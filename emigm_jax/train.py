@@ -68,7 +68,7 @@ def steps_per_epoch(config, num_examples: int) -> int:
 
 def total_steps(config, num_examples: int) -> int:
     """``train.num_steps`` if > 0, else ``train.epochs`` epochs."""
-    n = int(config.train.get("num_steps", -1))
+    n = int(config.train.num_steps)
     if n > 0:
         return n
     return int(round(float(config.train.epochs) * steps_per_epoch(config, num_examples)))
@@ -76,7 +76,7 @@ def total_steps(config, num_examples: int) -> int:
 
 def warmup_steps(config, num_examples: int) -> int:
     """``optim.warmup_steps`` if >= 0, else ``optim.warmup_epochs`` epochs."""
-    n = int(config.optim.get("warmup_steps", -1))
+    n = int(config.optim.warmup_steps)
     if n >= 0:
         return n
     return int(round(float(config.optim.warmup_epochs) * steps_per_epoch(config, num_examples)))
@@ -110,7 +110,7 @@ def make_optimizer(config, schedule: optax.Schedule,
     o = config.optim
     return optax.chain(
         optax.clip_by_global_norm(float(o.grad_clip)),
-        optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.get("eps", 1e-8)),
+        optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
                     weight_decay=float(o.weight_decay), mask=weight_decay_mask),
     )
 
@@ -296,7 +296,7 @@ def train(config, workdir: str | os.PathLike, *, loss_fn: LossFn | None = None,
         run = _setup(config, workdir, loss_fn, init_params_fn, weight_decay_mask,
                      accept_recipe_change, allow_fresh_start)
         if progress is None:
-            progress = jax.process_index() == 0 and bool(config.train.get("progress", True))
+            progress = jax.process_index() == 0 and bool(config.train.progress)
         return _loop(config, workdir, run, hooks, sample_fn, handle_signals, progress)
     finally:
         if lock is not None:
@@ -371,7 +371,7 @@ def _log_metrics(pending: list[dict], state: TrainState, step: int, rate: float)
 
 
 def _check_nonfinite(config, state: TrainState, step: int, ckpt: Checkpointer) -> None:
-    limit = int(config.train.get("max_nonfinite_steps", 10))
+    limit = int(config.train.max_nonfinite_steps)
     max_streak = int(jax.device_get(state.nonfinite_max_streak))
     if nonfinite_limit_reached(max_streak, limit):
         raise FloatingPointError(
@@ -396,8 +396,8 @@ def _loop(config, workdir: str, run: _Run, hooks: Sequence[Hook], sample_fn,
     ckpt, state, step, n_total = run.ckpt, run.state, run.start, run.total_steps
     watcher = PreemptionWatcher(ckpt, install=handle_signals)
     writer = workdir_lib.MetricWriter(workdir, resume_step=run.start)
-    log_every = max(1, int(config.train.get("log_every", 100)))
-    sample_every = int(config.train.get("sample_every", 0))
+    log_every = max(1, int(config.train.log_every))
+    sample_every = int(config.train.sample_every)
     bar = tqdm(total=n_total, initial=step, disable=not progress, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     clock = workdir_lib.SegmentClock(workdir, run.start)

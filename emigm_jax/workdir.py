@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from emigm_jax.config_validation import ConfigError
 
@@ -311,11 +312,7 @@ class MetricWriter:
                     logging.info("train_log.jsonl: dropped %d rows after step %d (re-run)",
                                  dropped, resume_step)
             self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
-            try:
-                from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            except ImportError:  # pragma: no cover - tensorboardX is a requirement
-                logging.warning("tensorboardX missing: no TensorBoard events")
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

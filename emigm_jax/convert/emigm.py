@@ -73,6 +73,7 @@ from emigm_jax.convert.emigm_configs import (CheckpointMismatchError, available_
                                              config_signature, shape_signature)
 from emigm_jax.convert.torch_io import load_pth, namespace_to_dict
 from emigm_jax.models import param_shapes
+from emigm_jax.models.layout import to_layout
 
 WEIGHTS = ("ema", "raw", "ema_all")
 
@@ -269,7 +270,7 @@ def first_mismatch(sd: Mapping[str, np.ndarray], config, shapes=None) -> str | N
                 return (f"checkpoint tensor 'mask_token' has shape "
                         f"{tuple(sd['mask_token'].shape)} next to 'fake_latent' {src}: a "
                         f"separate mask token (MAR, or use_unsup_cfg=False), but config "
-                        f"{config.get('name', '?')!r} has cfg_mode='mask_token' (one shared "
+                        f"{config.name!r} has cfg_mode='mask_token' (one shared "
                         f"vector); set --config.model.cfg_mode=fake_class")
             continue
         path = dotted_to_path(m.expand(rule.target))
@@ -284,7 +285,7 @@ def first_mismatch(sd: Mapping[str, np.ndarray], config, shapes=None) -> str | N
         if got != want:
             torch_want = want[::-1] if rule.transform == "linear" else want
             return (f"checkpoint tensor {key!r} has shape {src}, but config "
-                    f"{config.get('name', '?')!r} expects {torch_want} (Flax "
+                    f"{config.name!r} expects {torch_want} (Flax "
                     f"{'/'.join(path[1:])} {want})")
     return None
 
@@ -300,7 +301,7 @@ def suggest_configs(sd: Mapping[str, np.ndarray]) -> list[str]:
             config = load_config(name)
         except Exception:  # pylint: disable=broad-except
             continue
-        if config.model.get("head") != "diffusion" or config_signature(config) != sig:
+        if config.model.head != "diffusion" or config_signature(config) != sig:
             continue
         for mode in ("mask_token", "fake_class") if config.model.cfg_mode == "mask_token" \
                 else ("fake_class", "mask_token"):
@@ -335,8 +336,7 @@ def convert_weights(sd: Mapping[str, Any], config, *, shapes=None) -> dict:
     cfg_mode = config.model.cfg_mode
     variables = convert_state_dict(prepare_state_dict(sd, cfg_mode), emigm_rules(cfg_mode),
                                    shapes, what="eMIGM checkpoint")
-    from emigm_jax.models.layout import to_layout  # pylint: disable=import-outside-toplevel
-    return to_layout(variables["params"], bool(config.model.get("scan_layers", False)))
+    return to_layout(variables["params"], bool(config.model.scan_layers))
 
 
 @dataclasses.dataclass
@@ -370,7 +370,7 @@ def convert_checkpoint(path: str | os.PathLike, config: Any = None, *, weights: 
         config, name, overrides = config_from_args(ckpt.args)
     else:
         config = load_config(config)
-        name, overrides = str(config.get("name", "?")), []
+        name, overrides = str(config.name), []
     shapes = target_shapes(config)
     params = convert_weights(sd, config, shapes=shapes)
     if ckpt.args is not None:

@@ -27,6 +27,7 @@ shard and in the manifest, and the total is printed at the end.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -38,6 +39,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_dtypes
+from absl import app, flags
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
 from tqdm import tqdm
 
 from emigm_jax.convert.tokenizers import tokenizer_from_config
@@ -54,7 +61,6 @@ def storage_dtype(name: str) -> np.dtype:
     if name not in STORAGE_DTYPES:
         raise ValueError(f"cache dtype {name!r}: expected one of {STORAGE_DTYPES}")
     if name == "bfloat16":
-        import ml_dtypes  # pylint: disable=import-outside-toplevel
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -81,7 +87,6 @@ def _read_json(path: str) -> Any:
 
 def write_array_record(path: str, records: np.ndarray) -> None:
     """One record per leading-axis entry (raw bytes), atomically."""
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = ArrayRecordWriter(tmp, "group_size:1")
     for r in records:
@@ -91,7 +96,6 @@ def write_array_record(path: str, records: np.ndarray) -> None:
 
 
 def _num_records(path: str) -> int:
-    from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
     reader = ArrayRecordReader(path)
     try:
         return reader.num_records()
@@ -114,7 +118,6 @@ def shard_done(cache_dir: str, s: int, n: int) -> dict | None:
 
 def make_encode_fn(tok, variables, out_dtype: np.dtype, mesh: jax.sharding.Mesh):
     """jit: uint8 [B, S, S, 3] -> [B, 2, K, h, w, C] (image, flip) in ``out_dtype``."""
-    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
     data, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
     def encode(variables, images):
@@ -133,7 +136,7 @@ def make_encode_fn(tok, variables, out_dtype: np.dtype, mesh: jax.sharding.Mesh)
 def _settings(config, tok, n_files: int, shard_size: int, dtype: str, source: str, split: str,
               record_shape) -> dict:
     t = config.tokenizer
-    weights = t.get("path", "") or f"random_init(seed={int(t.get('seed', 0))})"
+    weights = t.path or f"random_init(seed={int(t.seed)})"
     return dict(format_version=FORMAT_VERSION, tokenizer=tok.name, tokenizer_weights=weights,
                 tokenizer_arch=_jsonable(tok.arch.__dict__), image_size=int(config.data.image_size),
                 dtype=dtype, num_files=n_files, shard_size=shard_size, source=source, split=split,
@@ -168,7 +171,7 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
         tok, variables = tokenizer_from_config(config)
     else:
         t = config.tokenizer
-        tok = build_tokenizer(t.name, scale=t.get("scale", None), arch=t.get("arch", None))
+        tok = build_tokenizer(t.name, scale=t.scale, arch=t.arch)
     h, w, c = tok.latent_shape(image_size)
     record_shape = (2, tok.num_moments, h, w, c)
 
@@ -192,7 +195,6 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
                         per_device_batch, num_threads, out_dtype, image_size, record_shape)
 
     if nproc > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
         multihost_utils.sync_global_devices("emigm_cache_latents_done")
     if pid != 0:
         return None
@@ -296,7 +298,6 @@ def write_manifest(cache_dir: str, settings: dict, num_shards: int, tok, records
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
-    import io  # pylint: disable=import-outside-toplevel
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
@@ -304,7 +305,6 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 def main(argv) -> None:
     del argv
-    from absl import flags  # pylint: disable=import-outside-toplevel
     f = flags.FLAGS
     if f.distributed:
         jax.distributed.initialize()
@@ -316,8 +316,6 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
     config_flags.DEFINE_config_file("config", None, "training config file (data.*, tokenizer.*)",
                                     lock_config=False)
     flags.DEFINE_string("cache_dir", None, "output directory of the latent cache")
@@ -335,6 +333,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app  # pylint: disable=import-outside-toplevel
     _define_flags()
     app.run(main)

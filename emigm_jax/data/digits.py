@@ -23,6 +23,8 @@ import dataclasses
 import functools
 
 import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 SIDE = 8
 PIXEL_MAX = 16.0
@@ -53,8 +55,6 @@ def load_digits_splits(test_fraction: float = 0.2, seed: int = 0) -> DigitsSplit
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"data.test_fraction={test_fraction!r} must lie in (0, 1)")
-    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-    from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
 
     bunch = load_digits()
     images = bunch.images.astype(np.float32)  # [1797, 8, 8]
@@ -183,13 +183,17 @@ class ArraySource:
         return f"ArraySource({shapes})"
 
 
+def digits_split(config) -> tuple[float, int]:
+    """(test_fraction, split_seed) of the digits data (fields only digits configs set)."""
+    return float(config.data.get("test_fraction", 0.2)), int(config.data.get("split_seed", 0))
+
+
 def digits_source(config, split: str = "train") -> ArraySource:
     """Tokenised digits split as a grain source of {'tokens': [N, C] f32 (discrete: [N] int32),
     'label': int32}."""
     if split not in ("train", "test"):
         raise ValueError(f"digits split={split!r}; expected 'train' or 'test'")
-    splits = load_digits_splits(float(config.data.get("test_fraction", 0.2)),
-                                int(config.data.get("split_seed", 0)))
+    splits = load_digits_splits(*digits_split(config))
     tok = digits_tokenizer(config)
     images = splits.train_images if split == "train" else splits.test_images
     labels = splits.train_labels if split == "train" else splits.test_labels

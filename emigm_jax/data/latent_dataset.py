@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Callable
 
+import grain
 import numpy as np
 
 from emigm_jax.data.cache_latents import MANIFEST, storage_dtype
@@ -39,7 +40,6 @@ class CachedLatentSource:
     """Random access to ``{'moments': [2, K, h, w, C] float32, 'label': int32}``."""
 
     def __init__(self, cache_dir: str):
-        import grain  # pylint: disable=import-outside-toplevel
         self.manifest = m = read_manifest(cache_dir)
         self.dtype = storage_dtype(m["dtype"])
         self.record_shape = tuple(m["record_shape"])
@@ -81,7 +81,7 @@ def sample_tokens(example: dict, rng: np.random.Generator, scale: float) -> dict
 
 
 def cache_dir_of(config) -> str:
-    d = config.data.get("cache_dir", "") or config.data.get("path", "")
+    d = config.data.cache_dir or config.data.path
     if not d:
         raise ValueError("data.source='cached' needs config.data.cache_dir (or data.path) set to "
                          "the latent cache directory")

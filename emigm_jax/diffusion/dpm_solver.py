@@ -170,7 +170,7 @@ def _step_coefficients(ns: NoiseScheduleVP, s: float, t: float, order: int, r1, 
     """
     lam_s, lam_t = ns.marginal_lambda(np.float64(s)), ns.marginal_lambda(np.float64(t))
     h = lam_t - lam_s
-    a_s, sig_s = ns.marginal_alpha(np.float64(s)), ns.marginal_std(np.float64(s))
+    sig_s = ns.marginal_std(np.float64(s))
     a_t, sig_t = ns.marginal_alpha(np.float64(t)), ns.marginal_std(np.float64(t))
     k = order
     times = np.zeros(k)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from emigm_jax.data.digits import NUM_CLASSES, PIXEL_MAX, digits_tokenizer
+from emigm_jax.data.digits import NUM_CLASSES, PIXEL_MAX, digits_split, digits_tokenizer
 from emigm_jax.evaluation import digits_metric
 from emigm_jax.sampling.generate import generate
 
@@ -39,11 +39,6 @@ def class_major_rows(images, per_class: int, cols: int) -> np.ndarray:
     """The first ``cols`` images of each class from class-major ``images`` [10 * per_class]."""
     return np.concatenate([images[c * per_class: c * per_class + cols]
                            for c in range(NUM_CLASSES)])
-
-
-def digits_split(config) -> tuple[float, int]:
-    """(test_fraction, split_seed) of the digits data (fields only digits configs set)."""
-    return float(config.data.get("test_fraction", 0.2)), int(config.data.get("split_seed", 0))
 
 
 def digits_sample_fn(config, mesh, per_class: int | None = None):

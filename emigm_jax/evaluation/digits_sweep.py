@@ -24,7 +24,7 @@ import numpy as np
 
 from emigm_jax.data.digits import NUM_CLASSES, digits_tokenizer
 from emigm_jax.evaluation import digits_metric
-from emigm_jax.evaluation.digits_report import digits_split
+from emigm_jax.data.digits import digits_split
 from emigm_jax.evaluation.sweep_grid import (Metric, finish, grid_points, params_fingerprint,
                                              run_grid, sweep_settings)
 from emigm_jax.sampling import expected_nfe

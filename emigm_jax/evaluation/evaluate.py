@@ -44,7 +44,7 @@ EVAL_DEFAULTS = dict(inception_path="", reference_path="", fid_stats_path="", pr
 
 def eval_settings(config) -> dict:
     """config.eval merged over EVAL_DEFAULTS; unknown fields are an error (typo guard)."""
-    given = config.get("eval", None)
+    given = config.eval
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
     unknown = sorted(set(given) - set(EVAL_DEFAULTS))
     if unknown:

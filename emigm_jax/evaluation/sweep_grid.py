@@ -90,7 +90,7 @@ class GridPoint:
 # ------------------------------------------------------------------------------ settings / grid
 def sweep_settings(config) -> dict:
     """config.sweep merged over SWEEP_DEFAULTS, checked; unknown fields are an error."""
-    given = as_dict(config.get("sweep", None))
+    given = as_dict(config.sweep)
     unknown = sorted(set(given) - set(SWEEP_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown config.sweep fields {unknown}; known: {sorted(SWEEP_DEFAULTS)}")

@@ -32,7 +32,7 @@ def encoder_ladder(config) -> tuple[int, ...]:
     top = m.encoder_capacity or m.buffer_size + seq_len(config)
     if m.arch != "mae":
         return (top,)
-    return count_ladder(seq_len(config), m.get("encoder_buckets", ()), m.buffer_size, top)
+    return count_ladder(seq_len(config), m.encoder_buckets, m.buffer_size, top)
 
 
 def build_model(config) -> MaskedGenerator | ARGenerator:
@@ -50,7 +50,7 @@ def build_model(config) -> MaskedGenerator | ARGenerator:
         single_reference_semantics=m.single_reference_semantics,
         block=m.block, qk_norm=m.qk_norm, post_norm=m.post_norm, pos_emb=m.pos_emb,
         head_mlp=m.head_mlp, time_cond=m.time_cond, remat=m.remat,
-        scan_layers=m.get("scan_layers", False), dtype=DTYPES[m.dtype])
+        scan_layers=m.scan_layers, dtype=DTYPES[m.dtype])
 
 
 def build_ar_model(config) -> ARGenerator:
@@ -60,8 +60,8 @@ def build_ar_model(config) -> ARGenerator:
         seq_len=seq_len(config), width=m.width, depth=m.enc_depth, num_heads=m.num_heads,
         num_classes=m.num_classes, vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio,
         attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout,
-        block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
-        post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
+        block=m.block, qk_norm=m.qk_norm,
+        post_norm=m.post_norm, pos_emb=m.pos_emb,
         remat=m.remat, dtype=DTYPES[m.dtype])
 
 

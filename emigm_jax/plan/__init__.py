@@ -87,7 +87,7 @@ def make_plan(config, what: str = "train") -> dict:
     summaries = [report.run_summary(r, target.chip, report.weight_sizes(shapes, r.mesh[1]))
                  for r in runs]
     chosen = summaries[0]
-    plan = {"config": str(config.get("name", "?")), "target": str(p.target), "what": what,
+    plan = {"config": str(config.name), "target": str(p.target), "what": what,
             "num_devices": n, "jax": jax.__version__, "libtpu": _libtpu_version(),
             "chip": dict(vars(target.chip)), "chosen": chosen, "sweep": summaries,
             "extras": _extras(config, what, chosen)}

@@ -14,6 +14,7 @@ import re
 from typing import Sequence
 
 import jax
+from jax.experimental import topologies
 
 GIB = 1024 ** 3
 
@@ -80,7 +81,6 @@ def resolve_target(spec: str, hbm_gib: float = 0.0) -> Target:
     if m:
         chip, topo = m.groups()
         try:
-            from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
             # libtpu exposes v4's two TensorCores as two devices unless asked for megacore,
             # which is how JAX runs v4 (one device per chip).
             kwargs = {"chip_config_name": "megacore"} if chip == "v4" else {}

@@ -51,7 +51,7 @@ def sampler_for(config):
         return ar.make_ar_sampler(config)
     if ar_prefix.prefix_length(config) > 0:
         return ar_prefix.make_prefix_sampler(
-            config, ar_prefix.load_ar_config(config.sample.get("ar_workdir", "")))
+            config, ar_prefix.load_ar_config(config.sample.ar_workdir))
     return make_sampler(config)
 
 
