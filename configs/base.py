@@ -175,6 +175,7 @@ def get_config() -> ml_collections.ConfigDict:
         save_npz=False,             # also write the samples as an ADM sample batch
         inception_size=299,         # Inception input size (tests shrink it)
         preview=64,                 # images in the preview PNG
+        partial_every_s=300.0,      # save the running statistics this often; a rerun resumes
     ))
     # NFE-vs-FID sweep grid (--mode=sweep).
     c.sweep = ml_collections.ConfigDict(dict(

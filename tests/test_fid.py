@@ -294,3 +294,62 @@ def test_balanced_labels_and_settings_errors():
     c = ml_collections.ConfigDict(dict(sample=dict(num_images=8), eval=dict(inceptoin_path="x")))
     with pytest.raises(ValueError, match=r"unknown config.eval fields \['inceptoin_path'\]"):
         ev.eval_settings(c)
+
+
+def test_evaluation_resumes_from_its_saved_statistics(tmp_path):
+    """A preempted evaluation resumes at its last saved batch and ends with the statistics of
+    an uninterrupted run; a saved file for other settings or weights is not reused."""
+    import types
+    import jax
+    from emigm_jax import sharding
+    from emigm_jax.evaluation.evaluate import sample_and_summarize
+    from emigm_jax.models import init_params
+    from emigm_jax.sampling import sample_batch_size
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.sample.num_iter, config.sample.solver_steps, config.sample.batch_size = 2, 2, 4
+    params = init_params(config, jax.random.key(0))
+    mesh = sharding.make_mesh(types.SimpleNamespace(data=-1, fsdp=1))
+    bs = sample_batch_size(config, mesh)
+    batches = []
+
+    def features(images):  # stand-in for Inception: slices of the sampled tokens
+        x = np.asarray(sharding.to_host(images), np.float64).reshape(bs, -1)
+        batches.append(bs)
+        return {"pool": x[:, :4], "spatial": x[:, 4:7], "logits_unbiased": x[:, 7:12]}
+
+    class Preempted(Exception):
+        pass
+
+    def preempted_after_two(images):
+        if len(batches) == 2:
+            raise Preempted
+        return features(images)
+
+    path = str(tmp_path / "eval.partial.npz")
+    kw = dict(decode_fn=lambda tokens: tokens, num_images=3 * bs - 1, seed=5, keep_images=64)
+    full, _ = sample_and_summarize(config, params, mesh, feature_fn=features, **kw)
+    batches.clear()
+    with pytest.raises(Preempted):
+        sample_and_summarize(config, params, mesh, feature_fn=preempted_after_two,
+                             partial_path=path, partial_key="a", partial_every_s=0.0, **kw)
+    assert int(np.load(path)["done"]) == 2 * bs
+    batches.clear()
+    resumed, info = sample_and_summarize(config, params, mesh, feature_fn=features,
+                                         partial_path=path, partial_key="a",
+                                         partial_every_s=0.0, **kw)
+    assert len(batches) == 1  # only the batch that was never scored
+    assert resumed.pool.count == full.pool.count == 3 * bs - 1
+    np.testing.assert_allclose(resumed.pool.mean, full.pool.mean, rtol=1e-12)
+    np.testing.assert_allclose(resumed.pool.m2, full.pool.m2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(resumed.spatial.m2, full.spatial.m2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(resumed.pool_features, full.pool_features)
+    np.testing.assert_array_equal(resumed.logits, full.logits)
+    assert info["images"].shape[0] == 3 * bs - 1
+    batches.clear()
+    sample_and_summarize(config, params, mesh, feature_fn=features, partial_path=path,
+                         partial_key="b", partial_every_s=0.0, **kw)
+    assert len(batches) == 3  # another key: started over
+    info["partial"].remove()
+    assert not os.path.exists(path)

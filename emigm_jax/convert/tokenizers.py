@@ -36,13 +36,13 @@ def tokenizer_from_config(config, *, dtype: Any = None) -> tuple[Tokenizer, dict
     ``dtype`` ('float32' | 'bfloat16').
     """
     t = config.tokenizer
-    dtype = dtype or jnp.dtype(t.dtype)
-    tok = build_tokenizer(t.name, scale=t.scale, arch=t.arch, dtype=dtype)
-    path = t.path
+    dtype = dtype or jnp.dtype(t.get("dtype", "float32"))
+    tok = build_tokenizer(t.name, scale=t.get("scale", None), arch=t.get("arch", None), dtype=dtype)
+    path = t.get("path", "")
     if path:
         return tok, load_tokenizer_variables(tok, path)
-    if t.random_init:
-        return tok, tok.random_variables(int(t.seed))
+    if t.get("random_init", False):
+        return tok, tok.random_variables(int(t.get("seed", 0)))
     raise ValueError(
         f"config.tokenizer.path is empty: point it at the {t.name} weights "
         f"({WEIGHT_FILES[t.name]}), or set tokenizer.random_init=True for a random-weight test run")

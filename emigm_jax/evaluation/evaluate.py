@@ -34,12 +34,13 @@ from emigm_jax.evaluation.inception import INCEPTION_SIZE, make_feature_fn
 from emigm_jax.evaluation.metrics import RunningStats, frechet_distance
 from emigm_jax.evaluation.reference import (FeatureSummary, compute_metrics,
                                             load_reference_stats, reference_pool_features)
+from emigm_jax.evaluation.sweep_grid import params_fingerprint
 from emigm_jax.sampling.generate import GenerationTimes, generate_batches, sample_batch_size
 from emigm_jax.convert.tokenizers import tokenizer_from_config
 
 EVAL_DEFAULTS = dict(inception_path="", reference_path="", fid_stats_path="", preprocess="adm",
                      num_images=0, cache_dir="", save_npz=False, inception_size=INCEPTION_SIZE,
-                     preview=64)
+                     preview=64, partial_every_s=300.0)
 
 
 def eval_settings(config) -> dict:
@@ -89,21 +90,83 @@ def make_decode_fn(config, mesh) -> Callable:
     return lambda tokens: decode(variables, tokens)
 
 
+class _Partial:
+    """The accumulators of an evaluation in progress, saved so a preempted 50K-image run
+    resumes at its last saved batch instead of starting over.
+
+    Resuming draws exactly the images an uninterrupted run draws (batch keys depend on the
+    batch's start only, see ``sampling.generate``), so the finished metrics are the same.
+    ``key`` names the settings and weights; a file with another key is not reused.
+    """
+
+    def __init__(self, path: str, key: str, every_s: float):
+        self.path, self.key, self.every_s = path, key, every_s
+        self.last = time.monotonic()
+
+    def load(self) -> dict | None:
+        if not self.path or not os.path.exists(self.path):
+            return None
+        with np.load(self.path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        if str(state.pop("key")) != self.key:
+            logging.warning("evaluate: %s holds another evaluation (other settings or "
+                            "weights); starting over", self.path)
+            return None
+        logging.info("evaluate: resuming at image %d from %s", int(state["done"]), self.path)
+        return state
+
+    def due(self, final: bool) -> bool:
+        """Whether to save now: every ``every_s`` seconds and once the last batch is in."""
+        return bool(self.path) and (final or time.monotonic() - self.last >= self.every_s)
+
+    def save(self, state: dict) -> None:
+        """Atomically: a reader sees the previous file or this one, never a torn one."""
+        if jax.process_index() != 0:
+            return
+        tmp = f"{self.path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, key=np.asarray(self.key), **state)
+        os.replace(tmp, self.path)
+        self.last = time.monotonic()
+
+    def remove(self) -> None:
+        if self.path and jax.process_index() == 0 and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _stats_arrays(name: str, st: RunningStats) -> dict:
+    return {f"{name}_count": np.asarray(st.count), f"{name}_mean": st.mean, f"{name}_m2": st.m2}
+
+
+def _stats_from(name: str, state: dict) -> RunningStats:
+    return RunningStats(int(state[f"{name}_count"]), state[f"{name}_mean"], state[f"{name}_m2"])
+
+
 def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_fn: Callable,
                          num_images: int, seed: int, keep_images: int = 0,
-                         save_all: bool = False) -> tuple[FeatureSummary, dict]:
+                         save_all: bool = False, partial_path: str = "", partial_key: str = "",
+                         partial_every_s: float = 300.0) -> tuple[FeatureSummary, dict]:
     """Samples `num_images` images and accumulates their Inception features.
 
     Returns (summary, info) with info: nfe, sample_seconds (sampling and decoding, compile
-    excluded), feature_seconds, labels, images (the first `keep_images`, uint8 host array;
-    all of them if save_all).
+    excluded; summed over resumed segments), feature_seconds, labels, images (the first
+    `keep_images`, uint8 host array; all of them if save_all). With ``partial_path`` the
+    accumulators are saved there every ``partial_every_s`` seconds and a run resumes from
+    them (see ``_Partial``); the file is removed once the summary is complete.
     """
     labels = balanced_labels(num_images, int(config.model.num_classes), seed)
+    partial = _Partial(partial_path, partial_key, partial_every_s)
+    state = partial.load()
     pool = spat = None
     pools, logits, kept = [], [], []
-    nfe, t_decode, t_feat = None, 0.0, 0.0
+    nfe, t_decode, t_feat, start = None, 0.0, 0.0, 0
     times = GenerationTimes()
-    for batch in generate_batches(params, labels, config, mesh, seed, times=times,
+    if state is not None:
+        pool, spat = _stats_from("pool", state), _stats_from("spatial", state)
+        pools, logits = [state["pools"]], [state["logits"]]
+        kept = [state["images"]] if len(state["images"]) else []
+        nfe, start = int(state["nfe"]), int(state["done"])
+        t_decode, t_feat = float(state["sample_seconds"]), float(state["feature_seconds"])
+    for batch in generate_batches(params, labels, config, mesh, seed, times=times, start=start,
                                   desc="evaluate"):
         t0 = time.perf_counter()
         images = jax.block_until_ready(decode_fn(batch.tokens))
@@ -116,15 +179,25 @@ def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_f
             pool = RunningStats.create(out["pool"].shape[1])
             spat = RunningStats.create(out["spatial"].shape[1])
         pool, spat = pool.update(out["pool"][:n]), spat.update(out["spatial"][:n])
-        pools.append(out["pool"][:n])
-        logits.append(out["logits_unbiased"][:n])
+        pools.append(np.asarray(out["pool"][:n]))
+        logits.append(np.asarray(out["logits_unbiased"][:n]))
         if save_all or sum(len(k) for k in kept) < keep_images:
             kept.append(shd.to_host(images)[:n])
+        if partial.due(final=batch.start + n >= num_images):
+            pools, logits = [np.concatenate(pools)], [np.concatenate(logits)]
+            kept = [np.concatenate(kept)] if kept else []
+            partial.save({"done": np.asarray(batch.start + n), "nfe": np.asarray(nfe),
+                          "sample_seconds": np.asarray(times.sample_seconds + t_decode),
+                          "feature_seconds": np.asarray(t_feat), "pools": pools[0],
+                          "logits": logits[0],
+                          "images": kept[0] if kept else np.zeros((0,), np.uint8),
+                          **_stats_arrays("pool", pool), **_stats_arrays("spatial", spat)})
     imgs = np.concatenate(kept) if kept else np.zeros((0,), np.uint8)
     summary = FeatureSummary(pool, spat, np.concatenate(pools), np.concatenate(logits))
     return summary, {"nfe": nfe, "sample_seconds": times.sample_seconds + t_decode,
                      "feature_seconds": t_feat, "labels": labels,
-                     "images": imgs if save_all else imgs[:keep_images]}
+                     "images": imgs if save_all else imgs[:keep_images],
+                     "partial": partial}
 
 
 def reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag: str,
@@ -190,10 +263,16 @@ def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) ->
                                  image_size=int(settings["inception_size"]), mesh=mesh)
     tag = inception_tag(settings)
     num_images = int(settings["num_images"])
+    out_dir, name = os.path.join(workdir, "eval"), run_tag(config, num_images)
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
     summary, info = sample_and_summarize(
         config, params, mesh, decode_fn=make_decode_fn(config, mesh), feature_fn=feature_fn,
         num_images=num_images, seed=int(config.seed) + 1, keep_images=int(settings["preview"]),
-        save_all=bool(settings["save_npz"]))
+        save_all=bool(settings["save_npz"]),
+        partial_path=os.path.join(out_dir, f"{name}.partial.npz"),
+        partial_key=f"{name}|{tag}|{params_fingerprint(params)}|seed{int(config.seed)}",
+        partial_every_s=float(settings["partial_every_s"]))
     metrics = reference_metrics(summary, settings, feature_fn, tag,
                                  batch_size=sample_batch_size(config, mesh))
     s = config.sample
@@ -205,9 +284,6 @@ def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) ->
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     })
     if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "eval")
-        os.makedirs(out_dir, exist_ok=True)
-        name = run_tag(config, num_images)
         with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
         if len(info["images"]):
@@ -218,4 +294,5 @@ def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) ->
                      arr_1=info["labels"])
         print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in metrics.items()), flush=True)
+    info["partial"].remove()
     return metrics

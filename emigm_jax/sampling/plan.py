@@ -28,6 +28,7 @@ from emigm_jax.config_validation import CHOICES, ConfigError
 from emigm_jax.schedules import MaskSchedule, schedule_from_config
 
 HEAD_CAPACITIES = ("auto", "full")
+DEFAULT_HEAD_CHUNK = 16
 
 
 def time_grid(sample_cfg) -> np.ndarray:
@@ -52,15 +53,15 @@ MGT_SOLVERS = CHOICES["sample.mgt_solver"]
 def z_score_passes(sample_cfg) -> int:
     """Forward passes of one Z-sampling scoring: masked Z with ``z_cfg != 0`` (the inversion
     CFG scale) adds the unconditional pass; ``z_cfg = 0`` is BAG's "no guidance pass"."""
-    mode = sample_cfg.z_sampling
-    guided = mode == "masked" and float(sample_cfg.z_cfg) != 0.0
+    mode = sample_cfg.get("z_sampling", "none")
+    guided = mode == "masked" and float(sample_cfg.get("z_cfg", 0.0)) != 0.0
     return Z_SCORE_PASSES[mode] * (2 if guided else 1)
 
 
 def z_sampling_steps(sample_cfg) -> int:
     """How many steps (from the first) zig-zag: ``sample.z_steps``, -1 = all, 0 if off."""
-    mode = sample_cfg.z_sampling
-    z = int(sample_cfg.z_steps)
+    mode = sample_cfg.get("z_sampling", "none")
+    z = int(sample_cfg.get("z_steps", -1))
     if z < -1:
         raise ConfigError(f"config.sample.z_steps={z!r} is invalid: expected -1 (all steps) "
                           "or an integer >= 0")
@@ -90,8 +91,9 @@ def expected_nfe(sample_cfg) -> int:
 class CompanionOptions:
     """The companion-paper switches of ``config.sample`` (DI, BAG, MaskGIL), resolved.
 
-    At their defaults (configs/base.py) the sampler is the plain one, because each switch is
-    a Python branch on the static config, not a ``lax`` one.
+    Read with ``sc.get(name, default)`` so a config saved before the switches existed still
+    loads: without them (or with the defaults) the sampler is the plain one, because each
+    switch is a Python branch on the static config, not a ``lax`` one.
     """
     reveal: str            # bernoulli | euler | count ('auto' resolved)
     final_argmax: bool
@@ -119,10 +121,10 @@ def companion_options(sample_cfg, categorical: bool = True) -> CompanionOptions:
     diffusion head and ``logits`` for the categorical head.
     """
     sc = sample_cfg
-    reveal = sc.reveal
+    reveal = sc.get("reveal", "auto")
     if reveal == "auto":
-        reveal = "count" if sc.order == "confidence" else "bernoulli"
-    cfg_space = sc.cfg_space
+        reveal = "count" if sc.get("order", "random") == "confidence" else "bernoulli"
+    cfg_space = sc.get("cfg_space", "auto")
     if cfg_space == "auto":
         cfg_space = "logits" if categorical else "eps"
     if categorical and cfg_space == "eps":
@@ -132,12 +134,12 @@ def companion_options(sample_cfg, categorical: bool = True) -> CompanionOptions:
         raise ConfigError(f"config.sample.cfg_space={cfg_space!r} is invalid for model.head="
                           "'diffusion': expected 'eps'")
     opts = CompanionOptions(
-        reveal=reveal, final_argmax=bool(sc.final_argmax), cfg_space=cfg_space,
-        gumbel_anneal=sc.gumbel_anneal, noise_reg=sc.noise_reg,
-        noise_reg_scale=float(sc.noise_reg_scale),
-        diff_frac=float(sc.diff_frac), argmax_from=int(sc.argmax_from),
-        z_sampling=sc.z_sampling, z_cfg=float(sc.z_cfg),
-        mgt_solver=sc.mgt_solver)
+        reveal=reveal, final_argmax=bool(sc.get("final_argmax", False)), cfg_space=cfg_space,
+        gumbel_anneal=sc.get("gumbel_anneal", "linear"), noise_reg=sc.get("noise_reg", "none"),
+        noise_reg_scale=float(sc.get("noise_reg_scale", 1.0)),
+        diff_frac=float(sc.get("diff_frac", 0.0)), argmax_from=int(sc.get("argmax_from", -1)),
+        z_sampling=sc.get("z_sampling", "none"), z_cfg=float(sc.get("z_cfg", 0.0)),
+        mgt_solver=sc.get("mgt_solver", "vanilla"))
     _check_ranges(opts, sc, categorical)
     return opts
 
@@ -178,7 +180,7 @@ def reveal_probabilities(sample_cfg, schedule: MaskSchedule | None = None) -> np
     schedule = schedule or schedule_from_config(sample_cfg)
     grid = time_grid(sample_cfg)
     g = schedule.gamma(grid, np)
-    if sample_cfg.reveal == "euler":
+    if sample_cfg.get("reveal", "auto") == "euler":
         with np.errstate(divide="ignore", invalid="ignore"):
             p = (grid[:-1] - grid[1:]) * schedule.dgamma(grid[:-1], np) / g[:-1]
         p = np.where(np.isnan(p), 1.0, p)
@@ -191,11 +193,11 @@ def reveal_probabilities(sample_cfg, schedule: MaskSchedule | None = None) -> np
 def head_chunk(sample_cfg, n: int) -> int:
     """Tokens per sample in one call of the diffusion head (``emigm_jax.sampling.head_draw``);
     ``head_capacity='full'``: N, one call on every position per step (most work)."""
-    mode = sample_cfg.head_capacity
+    mode = sample_cfg.get("head_capacity", "auto")
     if mode not in HEAD_CAPACITIES:
         raise ConfigError(f"config.sample.head_capacity={mode!r} is invalid: expected one of "
                           f"{HEAD_CAPACITIES}")
-    chunk = sample_cfg.head_chunk
+    chunk = sample_cfg.get("head_chunk", DEFAULT_HEAD_CHUNK)
     if not (int(chunk) == chunk and chunk >= 1):
         raise ConfigError(f"config.sample.head_chunk={chunk!r} is invalid: expected an "
                           "integer >= 1 (tokens per sample per head call)")
@@ -205,7 +207,7 @@ def head_chunk(sample_cfg, n: int) -> int:
 def ar_prefix_length(sample_cfg, n: int) -> int:
     """m = round(sample.ar_prefix * N): raster positions an AR model writes before the masked
     sampler starts (MaskGIL's AR prefix, ``emigm_jax.ar_prefix``); 0 when off."""
-    share = float(sample_cfg.ar_prefix)
+    share = float(sample_cfg.get("ar_prefix", 0.0))
     if not 0.0 <= share <= 1.0:
         raise ConfigError(f"config.sample.ar_prefix={share!r} is invalid: expected a share in "
                           "[0, 1]")
@@ -232,7 +234,7 @@ def head_ladder(sample_cfg, n: int) -> tuple[int, ...]:
     the chunk. Each step runs the smallest one holding its revealed count (``head_capacity=
     'full'``: the one size N). Same tokens for any of them on the DPM-Solver path."""
     chunk = head_chunk(sample_cfg, n)
-    if sample_cfg.head_capacity == "full":
+    if sample_cfg.get("head_capacity", "auto") == "full":
         return (chunk,)
     return tuple(sorted({1 << i for i in range(chunk.bit_length()) if 1 << i < chunk} | {chunk}))
 
