@@ -8,6 +8,7 @@ import numpy as np
 from emigm_jax.buckets import count_ladder
 from emigm_jax.models.ar import ARGenerator
 from emigm_jax.models.generator import MaskedGenerator
+from emigm_jax.models.transformer import LN_EPS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -62,7 +63,8 @@ def build_ar_model(config) -> ARGenerator:
         attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout,
         block=m.get("block", "vit"), qk_norm=m.get("qk_norm", False),
         post_norm=m.get("post_norm", False), pos_emb=m.get("pos_emb", "learned"),
-        remat=m.remat, dtype=DTYPES[m.dtype])
+        norm_eps=m.get("norm_eps", LN_EPS), rope_pairing=m.get("rope_pairing", "half"),
+        rope_prefix=m.get("rope_prefix", "identity"), remat=m.remat, dtype=DTYPES[m.dtype])
 
 
 def dummy_inputs(config, batch: int = 1):
