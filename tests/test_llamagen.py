@@ -14,10 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 from configs import llamagen_l_256, llamagen_sizes
+from emigm_jax.checkpoint import Checkpointer
+from emigm_jax.convert import llamagen
 from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.convert.common import ConversionError
+from emigm_jax.convert.emigm import target_shapes
 from emigm_jax.convert.llamagen import convert_llamagen, pick_state_dict
 from emigm_jax.models import build_model, param_count
 from emigm_jax.models.ar import init_cache
@@ -211,3 +215,20 @@ def test_wrong_class_table_and_wrong_config_are_named():
         convert_llamagen(released_state_dict(), c)
     with pytest.raises(ValueError, match="has none of"):
         pick_state_dict({"model_ema": {}, "args": "x"})
+
+
+def test_cli_writes_a_run_directory_that_restores(tmp_path, capsys):
+    torch = pytest.importorskip("torch", reason="reading .pt needs PyTorch (extra 'interop')")
+    sd = released_state_dict()
+    src, cfg = tmp_path / "c2i_tiny.pt", tmp_path / "tiny.py"
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, src)  # FSDP-style bare dict
+    cfg.write_text("from tests.test_llamagen import tiny_config as get_config\n")
+    llamagen.main(["--src", str(src), "--config", str(cfg), "--workdir", str(tmp_path / "run")])
+    assert "mode=sample" in capsys.readouterr().out
+    ckpt = Checkpointer(epath.Path(tmp_path / "run" / "checkpoints"), keep=1, async_save=False)
+    step, params = ckpt.restore_params(target_shapes(tiny_config())["params"])
+    ckpt.close()
+    assert step == 0
+    np.testing.assert_array_equal(np.asarray(params["out"]["kernel"]), sd["output.weight"].T)
+    np.testing.assert_array_equal(np.asarray(params["fake_latent"]),
+                                  sd["cls_embedding.embedding_table.weight"][CLASSES:])

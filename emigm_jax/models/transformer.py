@@ -275,8 +275,8 @@ class ViTBlock(nn.Module):
     qk_norm: bool = False
     post_norm: bool = False
     causal: bool = False
-    norm_eps: float = LN_EPS
     rope_pairing: str = "half"
+    norm_eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
@@ -334,8 +334,8 @@ class BlockStack(ViTBlock):
                                      trans_in_fn=functools.partial(gather_weights, dtype=self.dtype),
                                      init=self.is_initializing())
         args = (self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
-                self.dtype, self.kind, self.qk_norm, self.post_norm, self.causal, self.norm_eps,
-                self.rope_pairing)
+                self.dtype, self.kind, self.qk_norm, self.post_norm, self.causal,
+                self.rope_pairing, self.norm_eps)
         x = constrain_rows(x)
         if not self.scan:
             return self._unrolled(block_cls, args, x, key_mask, deterministic, rope, caches,
