@@ -26,6 +26,7 @@ from emigm_jax.convert.llamagen import convert_llamagen, pick_state_dict
 from emigm_jax.models import build_model, param_count
 from emigm_jax.models.ar import init_cache
 from emigm_jax.models.transformer import apply_rope
+from emigm_jax.sampling import ar as ar_sampling
 
 D, DEPTH, HEADS, VOCAB, CLASSES, SIDE = 64, 2, 4, 32, 10, 4
 HIDDEN = 256  # LlamaGen: find_multiple(int(2 * 4 * 64 / 3) = 170, 256)
@@ -232,3 +233,15 @@ def test_cli_writes_a_run_directory_that_restores(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(params["out"]["kernel"]), sd["output.weight"].T)
     np.testing.assert_array_equal(np.asarray(params["fake_latent"]),
                                   sd["cls_embedding.embedding_table.weight"][CLASSES:])
+
+
+def test_guided_sampler_cached_equals_recomputed_on_converted_weights():
+    c = tiny_config()
+    assert c.sample.cfg_scale == 2.0  # LlamaGen-B's guidance scale, kept by tiny_config
+    params = convert_llamagen(released_state_dict(), c)
+    labels, key = jnp.array([1, 7]), jax.random.key(3)
+    cached, info = ar_sampling.sample(params, labels, key, c)
+    full, _ = ar_sampling.sample(params, labels, key, c, cached=False)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))
+    assert int(info["nfe"]) == 2 * SIDE * SIDE
+    assert len(np.unique(np.asarray(cached))) > 2
