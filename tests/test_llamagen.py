@@ -35,7 +35,8 @@ HIDDEN = 256  # LlamaGen: find_multiple(int(2 * 4 * 64 / 3) = 170, 256)
 def tiny_config():
     c = llamagen_sizes.llamagen_config("b", 256)
     m = c.model
-    m.width, m.enc_depth, m.num_heads, m.vocab_size, m.num_classes = D, DEPTH, HEADS, VOCAB, CLASSES
+    m.width, m.enc_depth, m.num_heads = D, DEPTH, HEADS
+    m.vocab_size, m.num_classes = VOCAB, CLASSES
     m.image_size = c.data.image_size = SIDE * m.latent_stride
     c.sample.num_images = c.sample.batch_size = 2
     return c
@@ -47,11 +48,13 @@ def released_state_dict(seed=0, scale=0.3):
     def w(*shape):
         return rs.normal(0.0, scale, shape).astype(np.float32)
     sd = {"cls_embedding.embedding_table.weight": w(CLASSES + 1, D),
-          "tok_embeddings.weight": w(VOCAB, D), "norm.weight": 1 + w(D), "output.weight": w(VOCAB, D)}
+          "tok_embeddings.weight": w(VOCAB, D), "norm.weight": 1 + w(D),
+          "output.weight": w(VOCAB, D)}
     for i in range(DEPTH):
         p = f"layers.{i}."
         sd.update({p + "attention.wqkv.weight": w(3 * D, D), p + "attention.wo.weight": w(D, D),
-                   p + "feed_forward.w1.weight": w(HIDDEN, D), p + "feed_forward.w3.weight": w(HIDDEN, D),
+                   p + "feed_forward.w1.weight": w(HIDDEN, D),
+                   p + "feed_forward.w3.weight": w(HIDDEN, D),
                    p + "feed_forward.w2.weight": w(D, HIDDEN),
                    p + "attention_norm.weight": 1 + w(D), p + "ffn_norm.weight": 1 + w(D)})
     return sd
@@ -80,11 +83,12 @@ def torch_forward(torch, sd, tokens, labels):
     bsz, length, _ = x.shape
     for i in range(DEPTH):
         p = f"layers.{i}."
-        q, k, v = (rms(x, t[p + "attention_norm.weight"]) @ t[p + "attention.wqkv.weight"].T).split(D, -1)
+        h = rms(x, t[p + "attention_norm.weight"])
+        q, k, v = (h @ t[p + "attention.wqkv.weight"].T).split(D, -1)
         q, k, v = (z.reshape(bsz, length, HEADS, hd) for z in (q, k, v))
         q, k = rope(q), rope(k)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
         x = x + o.transpose(1, 2).reshape(bsz, length, D) @ t[p + "attention.wo.weight"].T
         h = rms(x, t[p + "ffn_norm.weight"])
         h = F.silu(h @ t[p + "feed_forward.w1.weight"].T) * (h @ t[p + "feed_forward.w3.weight"].T)
@@ -207,7 +211,8 @@ def test_missing_or_extra_tensor_is_named(edit, match):
 
 def test_wrong_class_table_and_wrong_config_are_named():
     sd = released_state_dict()
-    sd["cls_embedding.embedding_table.weight"] = sd["cls_embedding.embedding_table.weight"][:CLASSES]
+    table = sd["cls_embedding.embedding_table.weight"]
+    sd["cls_embedding.embedding_table.weight"] = table[:CLASSES]
     with pytest.raises(ConversionError, match=r"\(10, 64\); expected \[num_classes \+ 1 = 11"):
         convert_llamagen(sd, tiny_config())
     c = tiny_config()

@@ -49,18 +49,19 @@ from emigm_jax.convert.torch_io import load_pth
 
 CLASS_TABLE = "cls_embedding.embedding_table.weight"
 _LAYER = r"layers\.(?P<i>\d+)"
+_BLOCK = r"params.blocks.block.\g<i>"
 LLAMAGEN_RULES: tuple[Rule, ...] = (
     Rule(r"freqs_cis", None),
     Rule(rf"{_LAYER}\.attention\.kv_cache\.[kv]_cache", None),
     Rule(r"class_rows", "params.class_emb.embedding"),
     Rule(r"cfg_row", "params.fake_latent"),
     Rule(r"tok_embeddings\.weight", "params.token_emb.embedding"),
-    Rule(rf"{_LAYER}\.attention_norm\.weight", r"params.blocks.block.\g<i>.norm1.scale"),
-    Rule(rf"{_LAYER}\.ffn_norm\.weight", r"params.blocks.block.\g<i>.norm2.scale"),
-    Rule(rf"{_LAYER}\.attention\.wqkv\.weight", r"params.blocks.block.\g<i>.attn.qkv.kernel", "linear"),
-    Rule(rf"{_LAYER}\.attention\.wo\.weight", r"params.blocks.block.\g<i>.attn.proj.kernel", "linear"),
-    Rule(rf"{_LAYER}\.feed_forward\.(?P<w>w[123])\.weight",
-         r"params.blocks.block.\g<i>.mlp.\g<w>.kernel", "linear"),
+    Rule(rf"{_LAYER}\.attention_norm\.weight", rf"{_BLOCK}.norm1.scale"),
+    Rule(rf"{_LAYER}\.ffn_norm\.weight", rf"{_BLOCK}.norm2.scale"),
+    Rule(rf"{_LAYER}\.attention\.wqkv\.weight", rf"{_BLOCK}.attn.qkv.kernel", "linear"),
+    Rule(rf"{_LAYER}\.attention\.wo\.weight", rf"{_BLOCK}.attn.proj.kernel", "linear"),
+    Rule(rf"{_LAYER}\.feed_forward\.(?P<w>w[123])\.weight", rf"{_BLOCK}.mlp.\g<w>.kernel",
+         "linear"),
     Rule(r"norm\.weight", "params.norm.scale"),
     Rule(r"output\.weight", "params.out.kernel", "linear"),
 )
@@ -144,6 +145,8 @@ def main(argv=None) -> None:
     print(f"converted {args.src} ({parameter_count(converted.params):,} parameters); wrote "
           f"{directory}; sample with:\n  "
           f"{sample_command(converted, args.workdir, config_path, [])}")
+    print("note: decoding needs --config.tokenizer.path=<VQ-16 weights> "
+          "(python -m emigm_jax.convert.vq)")
 
 
 if __name__ == "__main__":
