@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
         qk_norm=False,
         post_norm=False,
         pos_emb="learned",          # learned | rope2d
+        # model.arch='ar' only (LlamaGen checkpoints: 1e-5, interleaved, zero):
+        norm_eps=1e-6,              # epsilon of every LayerNorm / RMSNorm
+        rope_pairing="half",        # half (j with j + m/2) | interleaved (2j with 2j + 1)
+        rope_prefix="identity",     # class token under RoPE: identity | zero (cos = sin = 0)
         head_mlp=True,              # categorical head: MLP before the output table
         time_cond="none",           # none (no time input, eMIGM/ITM) | explicit (DI's ETM)
         dtype="float32",            # compute dtype: float32 | bfloat16 (params stay fp32)

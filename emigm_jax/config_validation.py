@@ -16,6 +16,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.block": ("vit", "llama"),
     "model.pos_emb": ("learned", "rope2d"),
+    "model.rope_pairing": ("half", "interleaved"),
+    "model.rope_prefix": ("identity", "zero"),
     "model.time_cond": ("none", "explicit"),
     "mask.distribution": ("bernoulli", "uniform_count"),
     "mask.schedule": SCHEDULE_NAMES + tuple(SCHEDULE_ALIASES),
@@ -163,6 +165,7 @@ def _check_model(m, mask) -> int:
                  "'categorical' with model.arch='ar' (next-token logits)")
         _require(m.dec_depth == 0, "model.dec_depth", m.dec_depth,
                  "0 with model.arch='ar' (one causal stack of model.enc_depth blocks)")
+    _check_ar_options(m)
     if m.pos_emb == "rope2d":
         _require((m.width // m.num_heads) % 4 == 0, "model.num_heads", m.num_heads,
                  "a head count whose head dimension is divisible by 4 (rope2d)")
@@ -190,6 +193,18 @@ def _check_model(m, mask) -> int:
         if reason:
             raise ConfigError(reason)
     return side
+
+
+def _check_ar_options(m) -> None:
+    """norm_eps / rope_pairing / rope_prefix: positive, and only model.arch='ar' reads them."""
+    _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a value > 0")
+    if m.arch == "ar":
+        return
+    for name, default in (("norm_eps", 1e-6), ("rope_pairing", "half"),
+                          ("rope_prefix", "identity")):
+        value = m[name]
+        _require(value == default, f"model.{name}", value,
+                 f"{default!r} with model.arch={m.arch!r} (only model.arch='ar' reads it)")
 
 
 def _check_mask(k, side: int) -> None:

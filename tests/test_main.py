@@ -14,13 +14,16 @@ from emigm_jax.evaluation import digits_report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny digits model through the real CLI (the shipped configs/digits.py plus overrides).
+# Plumbing tests compile the plain step: each ladder rung would add a compiled branch
+# (tests/test_buckets.py proves the ladders exact; tests/test_plan.py runs them through the CLI).
+NO_LADDERS = ["--config.model.encoder_buckets=()", "--config.model.loss_buckets=()"]
 TINY = ["--config.model.width=32", "--config.model.enc_depth=1", "--config.model.dec_depth=1",
         "--config.model.head_depth=1", "--config.model.head_width=32",
         "--config.model.diffusion_batch_mul=1", "--config.train.batch_size=32",
         "--config.train.num_steps=4", "--config.train.log_every=2",
         "--config.checkpoint.every_steps=2", "--config.train.progress=False",
         "--config.sample.num_iter=2", "--config.sample.solver_steps=2",
-        "--config.sample.solver_order=2"]
+        "--config.sample.solver_order=2", *NO_LADDERS]
 
 
 def _cli(*args, devices: int = 1, timeout: int = 600, config: str = "configs/digits.py"):
@@ -140,7 +143,7 @@ def test_sample_mode_without_checkpoint_says_so(tmp_path):
 TINY_DISCRETE = ["--config.model.width=32", "--config.model.enc_depth=1",
                  "--config.train.batch_size=32", "--config.train.num_steps=2",
                  "--config.train.log_every=2", "--config.checkpoint.every_steps=2",
-                 "--config.train.progress=False", "--config.sample.num_iter=3"]
+                 "--config.train.progress=False", "--config.sample.num_iter=3", *NO_LADDERS]
 
 
 @pytest.mark.parametrize("name,nfe", [

@@ -75,12 +75,18 @@ def _cli(*args, module="emigm_jax.main", user=None, timeout=300):
 
 
 def _cli_overrides(config) -> list[str]:
-    """--config.* flags that turn configs/digits.py into ``config`` (scalar fields)."""
+    """--config.* flags that turn configs/digits.py into ``config`` (scalar fields and
+    tuples of numbers, e.g. the ladders)."""
     from configs import digits
     base = workdir_lib.flatten(workdir_lib.config_as_json(digits.get_config()))
     want = workdir_lib.flatten(workdir_lib.config_as_json(config))
-    return [f"--config.{k}={v}" for k, v in sorted(want.items())
-            if base.get(k) != v and isinstance(v, (int, float, str)) and k in base]
+
+    def flag(v):
+        return repr(tuple(v)) if isinstance(v, list) else v
+
+    return [f"--config.{k}={flag(v)}" for k, v in sorted(want.items())
+            if base.get(k) != v and k in base and (isinstance(v, (int, float, str)) or (
+                isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)))]
 
 
 def _one_line_error(proc, *needles):

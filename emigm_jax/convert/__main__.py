@@ -14,7 +14,8 @@ Reading ``.pth`` files needs PyTorch (``pip install -e '.[interop]'``). The trai
 ``args`` Namespace is read with ``torch.load(weights_only=True)`` plus an allow-list for
 ``argparse.Namespace``; ``--trusted_pickle`` falls back to ``weights_only=False`` for files
 that pickle other objects (this runs code from the file: only for files you trust).
-Other converters: ``python -m emigm_jax.convert.vae``, ``.dcae``, ``.inception``, ``.vq``.
+Other converters: ``python -m emigm_jax.convert.vae``, ``.dcae``, ``.inception``, ``.vq``,
+``.llamagen`` (LlamaGen's class-to-image GPT onto ``model.arch='ar'``).
 """
 from __future__ import annotations
 

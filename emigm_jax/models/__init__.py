@@ -60,8 +60,8 @@ def build_ar_model(config) -> ARGenerator:
         seq_len=seq_len(config), width=m.width, depth=m.enc_depth, num_heads=m.num_heads,
         num_classes=m.num_classes, vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio,
         attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout,
-        block=m.block, qk_norm=m.qk_norm,
-        post_norm=m.post_norm, pos_emb=m.pos_emb,
+        block=m.block, qk_norm=m.qk_norm, post_norm=m.post_norm, pos_emb=m.pos_emb,
+        norm_eps=m.norm_eps, rope_pairing=m.rope_pairing, rope_prefix=m.rope_prefix,
         remat=m.remat, dtype=DTYPES[m.dtype])
 
 

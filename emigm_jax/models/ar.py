@@ -6,9 +6,13 @@ project's blocks. The input sequence is [class, x_0, ..., x_{N-2}]; the output a
 index i is the distribution of raster token x_i, so one causal pass gives every next-token
 prediction (teacher forcing) and decoding needs exactly N single-token passes.
 
-Positions: with ``pos_emb='rope2d'`` the class token is not rotated and the input token x_j
-(sequence index j + 1) rotates with its own grid cell (row j // side, column j % side), as in
-LlamaGen's 2-D RoPE; with ``pos_emb='learned'`` one learned vector per sequence index is added.
+Positions: with ``pos_emb='rope2d'`` the input token x_j (sequence index j + 1) rotates with
+its own grid cell (row j // side, column j % side), as in LlamaGen's 2-D RoPE; the class token
+is not rotated (``rope_prefix='identity'``) or, as in LlamaGen's released code, multiplied by
+cos = sin = 0, which zeroes its query and key (``rope_prefix='zero'``). ``rope_pairing`` and
+``norm_eps`` select the channel pairing and norm epsilon (see ``transformer``); LlamaGen's
+checkpoints need ``interleaved``, ``zero`` and 1e-5 (``configs/llamagen_sizes.py``). With
+``pos_emb='learned'`` one learned vector per sequence index is added.
 Labels < 0 mean "unconditional" (the learned ``fake_latent``, classifier-free guidance).
 
 Decoding keeps one ``KVCache`` per block (``init_cache``) as an explicit pytree that
@@ -23,7 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from emigm_jax.models.mae import embed_init
-from emigm_jax.models.transformer import BlockStack, KVCache, block_norm, dense, rope2d_angles
+from emigm_jax.models.transformer import (LN_EPS, BlockStack, KVCache, RopeTable, block_norm,
+                                          dense, rope2d_angles)
+
+ROPE_PREFIXES = ("identity", "zero")
 
 
 class ARGenerator(nn.Module):
@@ -42,10 +49,15 @@ class ARGenerator(nn.Module):
     qk_norm: bool = False
     post_norm: bool = False
     pos_emb: str = "rope2d"
+    norm_eps: float = LN_EPS
+    rope_pairing: str = "half"
+    rope_prefix: str = "identity"
     dtype: Any = jnp.float32
     remat: bool = False
 
     def setup(self):
+        if self.rope_prefix not in ROPE_PREFIXES:
+            raise ValueError(f"rope_prefix={self.rope_prefix!r} is not one of {ROPE_PREFIXES}")
         d = self.width
         self.token_emb = nn.Embed(self.vocab_size, d, embedding_init=embed_init,
                                   param_dtype=jnp.float32, dtype=self.dtype, name="token_emb")
@@ -59,8 +71,9 @@ class ARGenerator(nn.Module):
                                  attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout,
                                  dtype=self.dtype, kind=self.block, qk_norm=self.qk_norm,
                                  post_norm=self.post_norm, causal=True, depth=self.depth,
-                                 remat=self.remat, prefix="block")
-        self.norm = block_norm(self.block, "norm", self.dtype)
+                                 remat=self.remat, prefix="block", norm_eps=self.norm_eps,
+                                 rope_pairing=self.rope_pairing)
+        self.norm = block_norm(self.block, "norm", self.dtype, self.norm_eps)
         self.out = dense(self.vocab_size, "out", self.dtype, self.block != "llama")
 
     def class_condition(self, labels: jax.Array) -> jax.Array:
@@ -77,12 +90,19 @@ class ARGenerator(nn.Module):
         return rope2d_angles(rows, cols, self.width // self.num_heads)[None]
 
     def _positions(self, x, index):
-        """Adds learned positions or returns RoPE angles for x [B, L, D] starting at index."""
+        """Adds learned positions, or returns the RoPE input (angles or a RopeTable,
+        [B, L, hd/2]) for x [B, L, D] starting at sequence index ``index``."""
         b, l, _ = x.shape
         if self.pos_emb == "learned":
             pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, index, l, axis=1)
             return x + pos.astype(x.dtype), None
-        return x, jnp.broadcast_to(self.rope(index, l), (b, l, self.width // self.num_heads // 2))
+        shape = (b, l, self.width // self.num_heads // 2)
+        angles = self.rope(index, l)  # [1, L, hd/2]
+        if self.rope_prefix == "identity":
+            return x, jnp.broadcast_to(angles, shape)
+        real = (index + jnp.arange(l) >= 1)[None, :, None]  # not the class position
+        return x, RopeTable(jnp.broadcast_to(jnp.where(real, jnp.cos(angles), 0.0), shape),
+                            jnp.broadcast_to(jnp.where(real, jnp.sin(angles), 0.0), shape))
 
     def _head(self, x):
         return self.out(self.norm(x)).astype(jnp.float32)

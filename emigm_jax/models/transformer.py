@@ -7,7 +7,10 @@ Options (config ``model.block``, ``model.qk_norm``, ``model.post_norm``, ``model
     applied before RoPE.
   * ``post_norm``: a norm on the outputs of the attention and MLP branches before the
     residual add (MaskGIL-XXL's stabiliser), on top of the pre-norms.
-  * RoPE-2D (``rope`` angles passed in): layout documented in ``rope2d_angles``.
+  * RoPE-2D (``rope`` angles, or a ``RopeTable`` of cos/sin, passed in): frequency layout
+    documented in ``rope2d_angles``; ``rope_pairing`` picks which channels rotate together
+    (``half``: j with j + m/2 inside each half; ``interleaved``: 2j with 2j + 1, LlamaGen's).
+  * ``norm_eps``: epsilon of every norm in the block (LayerNorm/RMSNorm; LlamaGen uses 1e-5).
   * ``causal`` (the autoregressive model): query i attends to keys 0..i. With a ``KVCache``
     the block writes this call's keys/values at ``cache_index`` and attends over the cache,
     so decoding one token costs one token's pass (the cache is an explicit input/output,
@@ -41,20 +44,21 @@ def dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Den
                     name=name)
 
 
-def layer_norm(name: str, dtype: Any, use_scale: bool = True, use_bias: bool = True) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=LN_EPS, use_scale=use_scale, use_bias=use_bias, dtype=dtype,
+def layer_norm(name: str, dtype: Any, use_scale: bool = True, use_bias: bool = True,
+               eps: float = LN_EPS) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, use_scale=use_scale, use_bias=use_bias, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
 
 
 
 
-def rms_norm(name: str, dtype: Any) -> nn.RMSNorm:
-    return nn.RMSNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+def rms_norm(name: str, dtype: Any, eps: float = LN_EPS) -> nn.RMSNorm:
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def block_norm(kind: str, name: str, dtype: Any):
+def block_norm(kind: str, name: str, dtype: Any, eps: float = LN_EPS):
     """The block's normalisation: LayerNorm for vit, RMSNorm for llama."""
-    return rms_norm(name, dtype) if kind == "llama" else layer_norm(name, dtype)
+    return rms_norm(name, dtype, eps) if kind == "llama" else layer_norm(name, dtype, eps=eps)
 
 
 def swiglu_hidden(width: int, multiple_of: int = 256) -> int:
@@ -81,12 +85,37 @@ def rope2d_angles(rows: jax.Array, cols: jax.Array, head_dim: int, base: float =
     return jnp.concatenate([half(rows), half(cols)], axis=-1)  # [..., head_dim/2]
 
 
-def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """x [B, L, H, hd], angles [B, L, hd/2] -> rotated x (per half, rotate-half pairing)."""
-    hd = x.shape[-1]
-    m = hd // 2
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)  # [B, L, 1, hd/2]
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+class RopeTable(NamedTuple):
+    """cos and sin of the rotation angles, [B, L, hd/2] each.
+
+    Passed instead of angles where a position must not be a pure rotation: LlamaGen's prefix
+    (class) positions carry cos = sin = 0, which zeroes their queries and keys.
+    """
+    cos: jax.Array
+    sin: jax.Array
+
+
+ROPE_PAIRINGS = ("half", "interleaved")
+
+
+def apply_rope(x: jax.Array, rope, pairing: str = "half") -> jax.Array:
+    """x [B, L, H, hd], rope: angles [B, L, hd/2] or a RopeTable -> rotated x.
+
+    Entry p of the hd/2 angles rotates one channel pair: with ``pairing='half'`` the pair
+    (h*m + j, h*m + j + m/2) for p = h*m/2 + j in half h (m = hd/2); with ``'interleaved'``
+    the pair (2p, 2p + 1).
+    """
+    if isinstance(rope, RopeTable):
+        cos, sin = rope.cos[:, :, None, :], rope.sin[:, :, None, :]  # [B, L, 1, hd/2]
+    else:
+        cos, sin = jnp.cos(rope)[:, :, None, :], jnp.sin(rope)[:, :, None, :]
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    if pairing == "interleaved":
+        a, b = x[..., 0::2], x[..., 1::2]  # [B, L, H, hd/2]
+        return jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x.shape)
+    if pairing != "half":
+        raise ValueError(f"rope pairing {pairing!r} is not one of {ROPE_PAIRINGS}")
+    m = x.shape[-1] // 2
     out = []
     for h in range(2):
         v = x[..., h * m:(h + 1) * m]
@@ -153,13 +182,15 @@ class Attention(nn.Module):
     norm_kind: str = "vit"
     dtype: Any = jnp.float32
     causal: bool = False
+    norm_eps: float = LN_EPS
+    rope_pairing: str = "half"
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
                  rope: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
                  cache_index=None):
         # x: [B, L, D]; key_mask: [B, L] bool, True = token may be attended to;
-        # rope: [B, L, hd/2] rotation angles or None; cache: keys/values of earlier
+        # rope: [B, L, hd/2] rotation angles, a RopeTable, or None; cache: keys/values of earlier
         # positions, x then holds positions cache_index..cache_index+L-1 (causal).
         # Returns out [B, L, D], or (out, updated cache) when a cache is given.
         b, l, d = x.shape
@@ -170,10 +201,11 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, l, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, hd]
         if self.qk_norm:
-            q = block_norm(self.norm_kind, "q_norm", self.dtype)(q)
-            k = block_norm(self.norm_kind, "k_norm", self.dtype)(k)
+            q = block_norm(self.norm_kind, "q_norm", self.dtype, self.norm_eps)(q)
+            k = block_norm(self.norm_kind, "k_norm", self.dtype, self.norm_eps)(k)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q = apply_rope(q, rope, self.rope_pairing)
+            k = apply_rope(k, rope, self.rope_pairing)
         offset = 0
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
@@ -243,6 +275,8 @@ class ViTBlock(nn.Module):
     qk_norm: bool = False
     post_norm: bool = False
     causal: bool = False
+    rope_pairing: str = "half"
+    norm_eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
@@ -250,24 +284,24 @@ class ViTBlock(nn.Module):
                  cache_index=None):
         # x: [B, L, D]; with a cache returns (x, updated cache) (see Attention)
         d = x.shape[-1]
-        llama = self.kind == "llama"
-        h = block_norm(self.kind, "norm1", self.dtype)(x)
+        llama, eps = self.kind == "llama", self.norm_eps
+        h = block_norm(self.kind, "norm1", self.dtype, eps)(x)
         h = Attention(self.num_heads, self.attn_dropout, self.proj_dropout, not llama,
-                      self.qk_norm, self.kind, self.dtype, self.causal, name="attn")(
-                          h, key_mask, deterministic, rope, cache, cache_index)
+                      self.qk_norm, self.kind, self.dtype, self.causal, eps, self.rope_pairing,
+                      name="attn")(h, key_mask, deterministic, rope, cache, cache_index)
         if cache is not None:
             h, cache = h
         if self.post_norm:
-            h = block_norm(self.kind, "post_norm1", self.dtype)(h)
+            h = block_norm(self.kind, "post_norm1", self.dtype, eps)(h)
         x = x + h
-        h = block_norm(self.kind, "norm2", self.dtype)(x)
+        h = block_norm(self.kind, "norm2", self.dtype, eps)(x)
         if llama:
             h = SwiGLU(swiglu_hidden(d), self.proj_dropout, self.dtype, name="mlp")(h, deterministic)
         else:
             h = Mlp(int(d * self.mlp_ratio), self.proj_dropout, self.dtype, name="mlp")(
                 h, deterministic)
         if self.post_norm:
-            h = block_norm(self.kind, "post_norm2", self.dtype)(h)
+            h = block_norm(self.kind, "post_norm2", self.dtype, eps)(h)
         return x + h if cache is None else (x + h, cache)
 
 
@@ -293,13 +327,15 @@ class BlockStack(ViTBlock):
                  rope: Optional[jax.Array] = None, caches: Optional[tuple] = None,
                  cache_index=None):
         """x [B, L, D] -> [B, L, D]; with ``caches`` (one KVCache per block, unrolled layout
-        only) -> (x, caches). key_mask: [B, L] bool or None; rope: [B, L, hd/2] or None."""
+        only) -> (x, caches). key_mask: [B, L] bool or None; rope: [B, L, hd/2] angles, a
+        RopeTable, or None."""
         block_cls = nn.remat(ViTBlock, static_argnums=(3,)) if self.remat else ViTBlock
         block_cls = nn.map_variables(block_cls, "params",
                                      trans_in_fn=functools.partial(gather_weights, dtype=self.dtype),
                                      init=self.is_initializing())
         args = (self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
-                self.dtype, self.kind, self.qk_norm, self.post_norm, self.causal)
+                self.dtype, self.kind, self.qk_norm, self.post_norm, self.causal,
+                self.rope_pairing, self.norm_eps)
         x = constrain_rows(x)
         if not self.scan:
             return self._unrolled(block_cls, args, x, key_mask, deterministic, rope, caches,
