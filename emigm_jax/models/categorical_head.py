@@ -38,7 +38,6 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     Smoothing follows the usual convention: target distribution
     (1 - eps) * onehot + eps / K. logits [..., K], targets [...] int -> [...].
     """
-    k = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     if label_smoothing == 0.0:

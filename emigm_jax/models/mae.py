@@ -107,7 +107,7 @@ class MaskedTransformer(nn.Module):
         b, n = tokens.shape[:2]
         if n != self.seq_len:
             raise ValueError(f"got {n} tokens per image, model expects seq_len={self.seq_len}")
-        nb, total = self.buffer_size, self.buffer_size + self.seq_len
+        nb = self.buffer_size
         dt = self.dtype
         mask_tok = mask_token.astype(dt).reshape(1, 1, -1)
         if self.vocab_size > 0:
