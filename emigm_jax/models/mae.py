@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from emigm_jax.buckets import gather_rows, keep_first_order, put_rows, rung_index
