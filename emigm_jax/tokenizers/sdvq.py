@@ -21,12 +21,11 @@ import dataclasses
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from emigm_jax.tokenizers.vae import Decoder, Encoder, KLVAEConfig, conv2d
-from emigm_jax.tokenizers.vq import VectorQuantizer, token_grid
+from emigm_jax.tokenizers.vq import CodebookAutoencoder, VectorQuantizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +59,9 @@ class SDVQConfig(KLVAEConfig):
 SD_VQ_F8 = SDVQConfig()
 
 
-class SDVQModel(nn.Module):
-    """``encode``: images [B, H, W, 3] in [-1, 1] -> ids [B, h*w]; ``decode``: ids -> images.
-
-    Same method names as `emigm_jax.tokenizers.vq.VQModel`, so the tokenizer registry treats
-    both codebook tokenizers alike.
-    """
+class SDVQModel(CodebookAutoencoder):
+    """latent-diffusion's VQModel (VQ-f8: raw L2 codebook, 8x downsampling); the methods are
+    `emigm_jax.tokenizers.vq.CodebookAutoencoder`'s."""
     cfg: SDVQConfig = SD_VQ_F8
     dtype: Any = jnp.float32
     precision: Any = None
@@ -78,36 +74,6 @@ class SDVQModel(nn.Module):
         self.quant_conv = conv2d(c.embed_dim, 1, None, self.dtype, self.precision)
         self.post_quant_conv = conv2d(c.embed_dim, 1, None, self.dtype, self.precision)
         self.quantize = VectorQuantizer(c, self.chunk)
-
-    def encode_latent(self, x):  # [B, H, W, 3] -> [B, H/8, W/8, 4] float32, before quantisation
-        return self.quant_conv(self.encoder(x)).astype(jnp.float32)
-
-    def encode_with_latent(self, x):
-        """Images -> (ids [B, h*w] int32, pre-quantisation latents [B, h, w, D] float32)."""
-        z = self.encode_latent(x)
-        b, h, w, _ = z.shape
-        return self.quantize(z).reshape(b, h * w), z
-
-    def encode(self, x):
-        """Images [B, H, W, 3] in [-1, 1] -> token ids [B, (H/8)*(W/8)] int32, raster order."""
-        return self.encode_with_latent(x)[0]
-
-    def codes_to_latent(self, ids, grid: tuple[int, int] | None = None):
-        """ids [B, N] -> quantised latents [B, h, w, D] (codebook rows)."""
-        b, n = ids.shape
-        h, w = token_grid(n, grid)
-        return self.quantize.lookup(ids).reshape(b, h, w, self.cfg.embed_dim)
-
-    def decode_latent(self, zq):  # [B, h, w, D] -> [B, 8h, 8w, 3] (roughly [-1, 1])
-        return self.decoder(self.post_quant_conv(zq.astype(self.dtype)))
-
-    def decode(self, ids, grid: tuple[int, int] | None = None):
-        """Token ids [B, N] -> images [B, H, W, 3]; ``grid`` (h, w) for non-square N."""
-        return self.decode_latent(self.codes_to_latent(ids, grid))
-
-    def __call__(self, x):  # reconstruction through the codebook; used for init
-        z = self.encode_latent(x)
-        return self.decode_latent(self.quantize.lookup(self.quantize(z)))
 
 
 @functools.lru_cache(maxsize=8)

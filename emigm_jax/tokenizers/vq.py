@@ -217,23 +217,14 @@ def token_grid(num_tokens: int, grid: tuple[int, int] | None = None) -> tuple[in
     return g, g
 
 
-class VQModel(nn.Module):
-    """LlamaGen VQModel. ``encode``: images -> ids [B, h*w]; ``decode``: ids -> images.
+class CodebookAutoencoder(nn.Module):
+    """What every codebook tokenizer does with its parts: ``encode`` images [B, H, W, 3] in
+    [-1, 1] -> ids [B, h*w] (raster order), ``decode`` ids -> images.
 
-    ``chunk`` is the row chunk of the nearest-code search (see `nearest_code_ids`).
+    Subclasses hold ``cfg`` (with ``codebook_embed_dim``) and build ``encoder``, ``decoder``,
+    ``quant_conv``, ``post_quant_conv`` and ``quantize`` in ``setup``; the tokenizer registry
+    treats them all alike.
     """
-    cfg: VQConfig = VQ16
-    dtype: Any = jnp.float32
-    precision: Any = None
-    chunk: int | None = 4096
-
-    def setup(self):
-        c = self.cfg
-        self.encoder = VQEncoder(c, self.dtype, self.precision)
-        self.decoder = VQDecoder(c, self.dtype, self.precision)
-        self.quant_conv = conv2d(c.codebook_embed_dim, 1, None, self.dtype, self.precision)
-        self.post_quant_conv = conv2d(c.z_channels, 1, None, self.dtype, self.precision)
-        self.quantize = VectorQuantizer(c, self.chunk)
 
     def encode_latent(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, D] float32, before quantisation
         return self.quant_conv(self.encoder(x)).astype(jnp.float32)
@@ -249,7 +240,7 @@ class VQModel(nn.Module):
         return self.encode_with_latent(x)[0]
 
     def codes_to_latent(self, ids, grid: tuple[int, int] | None = None):
-        """ids [B, N] -> quantised latents [B, h, w, D] (normalised code vectors)."""
+        """ids [B, N] -> quantised latents [B, h, w, D] (the codebook rows used for lookup)."""
         b, n = ids.shape
         h, w = token_grid(n, grid)
         return self.quantize.lookup(ids).reshape(b, h, w, self.cfg.codebook_embed_dim)
@@ -264,6 +255,23 @@ class VQModel(nn.Module):
     def __call__(self, x):  # reconstruction through the codebook; used for init
         z = self.encode_latent(x)
         return self.decode_latent(self.quantize.lookup(self.quantize(z)))
+
+
+class VQModel(CodebookAutoencoder):
+    """LlamaGen VQModel (normalised codebook). ``chunk`` is the row chunk of the nearest-code
+    search (see `nearest_code_ids`)."""
+    cfg: VQConfig = VQ16
+    dtype: Any = jnp.float32
+    precision: Any = None
+    chunk: int | None = 4096
+
+    def setup(self):
+        c = self.cfg
+        self.encoder = VQEncoder(c, self.dtype, self.precision)
+        self.decoder = VQDecoder(c, self.dtype, self.precision)
+        self.quant_conv = conv2d(c.codebook_embed_dim, 1, None, self.dtype, self.precision)
+        self.post_quant_conv = conv2d(c.z_channels, 1, None, self.dtype, self.precision)
+        self.quantize = VectorQuantizer(c, self.chunk)
 
 
 @functools.lru_cache(maxsize=8)
