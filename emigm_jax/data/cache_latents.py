@@ -136,7 +136,7 @@ def make_encode_fn(tok, variables, out_dtype: np.dtype, mesh: jax.sharding.Mesh)
 def _settings(config, tok, n_files: int, shard_size: int, dtype: str, source: str, split: str,
               record_shape) -> dict:
     t = config.tokenizer
-    weights = t.path or f"random_init(seed={int(t.seed)})"
+    weights = t.get("path", "") or f"random_init(seed={int(t.get('seed', 0))})"
     return dict(format_version=FORMAT_VERSION, tokenizer=tok.name, tokenizer_weights=weights,
                 tokenizer_arch=_jsonable(tok.arch.__dict__), image_size=int(config.data.image_size),
                 dtype=dtype, num_files=n_files, shard_size=shard_size, source=source, split=split,
@@ -171,7 +171,7 @@ def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,
         tok, variables = tokenizer_from_config(config)
     else:
         t = config.tokenizer
-        tok = build_tokenizer(t.name, scale=t.scale, arch=t.arch)
+        tok = build_tokenizer(t.name, scale=t.get("scale", None), arch=t.get("arch", None))
     h, w, c = tok.latent_shape(image_size)
     record_shape = (2, tok.num_moments, h, w, c)
 

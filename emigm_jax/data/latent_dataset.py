@@ -81,7 +81,7 @@ def sample_tokens(example: dict, rng: np.random.Generator, scale: float) -> dict
 
 
 def cache_dir_of(config) -> str:
-    d = config.data.cache_dir or config.data.path
+    d = config.data.get("cache_dir", "") or config.data.get("path", "")
     if not d:
         raise ValueError("data.source='cached' needs config.data.cache_dir (or data.path) set to "
                          "the latent cache directory")

@@ -178,7 +178,7 @@ def make_train_iterator(config, *, process_index: int | None = None,
         seed=int(config.data.get("seed", config.seed)), process_index=process_index,
         process_count=process_count, random_transform=make_random_transform(config, "train"))
     in_memory = config.data.source == "digits"
-    workers = 0 if in_memory else int(config.data.num_workers)
+    workers = 0 if in_memory else int(config.data.get("num_workers", 0))
     it = to_iterator(ds, num_threads=0 if in_memory else 16, num_workers=workers)
     logging.info("train data: %s, %d examples, %d processes", config.data.source,
                  len(source), process_count)

@@ -196,7 +196,7 @@ def make_records(config, split: str = "train", labels_file: str | None = None,
                  source: str | None = None) -> Records:
     """Records for ``config.data.source`` (or ``source``) in {folder, tfds}."""
     source = source or config.data.source
-    path = config.data.path
+    path = config.data.get("path", "")
     if source == "folder":
         if split not in _SPLIT_DIRS:
             raise ValueError(f"split {split!r}: expected one of {sorted(_SPLIT_DIRS)}")
@@ -204,12 +204,12 @@ def make_records(config, split: str = "train", labels_file: str | None = None,
             raise ValueError("config.data.path is empty: set it to the ImageNet root holding train/")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"config.data.path={path!r} does not exist")
-        labels_file = labels_file or config.data.labels_file or None
+        labels_file = labels_file or config.data.get("labels_file", None) or None
         return FolderRecords(os.path.join(path, _SPLIT_DIRS[split]), labels_file)
     if source == "tfds":
         if split not in _TFDS_SPLITS:
             raise ValueError(f"split {split!r}: expected one of {sorted(_TFDS_SPLITS)}")
-        return TfdsRecords(config.data.tfds_name, _TFDS_SPLITS[split],
+        return TfdsRecords(config.data.get("tfds_name", "imagenet2012"), _TFDS_SPLITS[split],
                            data_dir=path or None)
     raise ValueError(f"image source {source!r}: expected 'folder' or 'tfds'")
 
