@@ -10,8 +10,8 @@ from emigm_jax.schedules import get_schedule
 
 def mask_cfg(**kw):
     c = dict(distribution="bernoulli", schedule="exp", exp_rate=5.0, pow_rho=0.5, poly_p=0.5,
-             weight="one", t_min=0.2, t_eps=0.0, p_eps=1e-3, t_per="batch", min_masked=2,
-             loss_norm="masked")
+             weight="one", t_min=0.2, t_eps=0.0, coupling_ratio=0.0, p_eps=1e-3, t_per="batch",
+             min_masked=2, loss_norm="masked")
     c.update(kw)
     return ml_collections.ConfigDict(c)
 
