@@ -249,7 +249,7 @@ def _check_sample(s) -> None:
     _require(s.temperature > 0, "sample.temperature", s.temperature, "a value > 0")
     _require(0.0 < s.top_p <= 1.0, "sample.top_p", s.top_p, "a value in (0, 1]")
     _require(s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0 = off)")
-    share = s.ar_prefix
+    share = s.get("ar_prefix", 0.0)  # companion switches may be absent (see sampling.plan)
     _require(0.0 <= share <= 1.0, "sample.ar_prefix", share, "a share in [0, 1] (0 = off)")
-    _require(s.z_cfg >= 0, "sample.z_cfg", s.z_cfg,
+    _require(s.get("z_cfg", 0.0) >= 0, "sample.z_cfg", s.get("z_cfg", 0.0),
              "a value >= 0 (0 = no guidance pass in the masked-Z scoring)")
