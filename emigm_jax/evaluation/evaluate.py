@@ -128,10 +128,6 @@ class _Partial:
         os.replace(tmp, self.path)
         self.last = time.monotonic()
 
-    def remove(self) -> None:
-        if self.path and jax.process_index() == 0 and os.path.exists(self.path):
-            os.remove(self.path)
-
 
 def _stats_arrays(name: str, st: RunningStats) -> dict:
     return {f"{name}_count": np.asarray(st.count), f"{name}_mean": st.mean, f"{name}_m2": st.m2}
@@ -151,7 +147,7 @@ def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_f
     excluded; summed over resumed segments), feature_seconds, labels, images (the first
     `keep_images`, uint8 host array; all of them if save_all). With ``partial_path`` the
     accumulators are saved there every ``partial_every_s`` seconds and a run resumes from
-    them (see ``_Partial``); the file is removed once the summary is complete.
+    them (see ``_Partial``); ``evaluate`` removes the file once the metrics are written.
     """
     labels = balanced_labels(num_images, int(config.model.num_classes), seed)
     partial = _Partial(partial_path, partial_key, partial_every_s)
@@ -196,8 +192,7 @@ def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_f
     summary = FeatureSummary(pool, spat, np.concatenate(pools), np.concatenate(logits))
     return summary, {"nfe": nfe, "sample_seconds": times.sample_seconds + t_decode,
                      "feature_seconds": t_feat, "labels": labels,
-                     "images": imgs if save_all else imgs[:keep_images],
-                     "partial": partial}
+                     "images": imgs if save_all else imgs[:keep_images]}
 
 
 def reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag: str,
@@ -264,13 +259,14 @@ def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) ->
     tag = inception_tag(settings)
     num_images = int(settings["num_images"])
     out_dir, name = os.path.join(workdir, "eval"), run_tag(config, num_images)
+    partial_path = os.path.join(out_dir, f"{name}.partial.npz")
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
     summary, info = sample_and_summarize(
         config, params, mesh, decode_fn=make_decode_fn(config, mesh), feature_fn=feature_fn,
         num_images=num_images, seed=int(config.seed) + 1, keep_images=int(settings["preview"]),
         save_all=bool(settings["save_npz"]),
-        partial_path=os.path.join(out_dir, f"{name}.partial.npz"),
+        partial_path=partial_path,
         partial_key=f"{name}|{tag}|{params_fingerprint(params)}|seed{int(config.seed)}",
         partial_every_s=float(settings["partial_every_s"]))
     metrics = reference_metrics(summary, settings, feature_fn, tag,
@@ -294,5 +290,6 @@ def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) ->
                      arr_1=info["labels"])
         print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in metrics.items()), flush=True)
-    info["partial"].remove()
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
     return metrics
