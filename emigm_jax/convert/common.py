@@ -286,6 +286,18 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
     return out
 
 
+def load_converted(path: str, target: Mapping[str, Any], what: str) -> dict:
+    """Variables from a converted ``.msgpack``, held to the same coverage check as a fresh
+    conversion (names and shapes against ``target``), so a file for another config fails."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"converted {what} file not found: {path!r}")
+    with open(path, "rb") as f:
+        variables = serialization.msgpack_restore(f.read())
+    flat = {".".join(k): v for k, v in flatten(variables).items()}
+    return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),), target,
+                              what=f"converted {what} {path!r}")
+
+
 def write_variables(variables: Mapping[str, Any], dst: str) -> None:
     """Writes converted Flax variables to ``dst`` (.msgpack) and prints the parameter count."""
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
