@@ -51,6 +51,16 @@ def as_dict(node) -> dict:
     return node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
 
 
+def merged_section(config, section: str, defaults: dict) -> dict:
+    """``config.<section>`` over ``defaults`` (a section may be given in part); an unknown
+    field is an error (typo guard)."""
+    given = as_dict(config[section])
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config.{section} fields {unknown}; known: {sorted(defaults)}")
+    return dict(defaults, **given)
+
+
 def sample_preset(config, name: str, source: str = "sample preset ",
                   also_accepted: tuple[str, ...] = ()) -> dict:
     """The sample-field overrides ``config.sample_presets[name]``, checked.

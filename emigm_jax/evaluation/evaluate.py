@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from emigm_jax import sharding as shd
+from emigm_jax.config_validation import as_dict, merged_section
 from emigm_jax.evaluation.inception import INCEPTION_SIZE, make_feature_fn
 from emigm_jax.evaluation.metrics import RunningStats, frechet_distance
 from emigm_jax.evaluation.reference import (FeatureSummary, compute_metrics,
@@ -44,13 +45,8 @@ EVAL_DEFAULTS = dict(inception_path="", reference_path="", fid_stats_path="", pr
 
 
 def eval_settings(config) -> dict:
-    """config.eval merged over EVAL_DEFAULTS; unknown fields are an error (typo guard)."""
-    given = config.eval
-    given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
-    unknown = sorted(set(given) - set(EVAL_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config.eval fields {unknown}; known: {sorted(EVAL_DEFAULTS)}")
-    s = dict(EVAL_DEFAULTS, **given)
+    """config.eval over EVAL_DEFAULTS, checked."""
+    s = merged_section(config, "eval", EVAL_DEFAULTS)
     if not s["num_images"]:
         s["num_images"] = int(config.sample.num_images)
     if s["preprocess"] not in ("adm", "pytorch_fid"):
@@ -235,7 +231,7 @@ def run_tag(config, num_images: int) -> str:
     """File name of an evaluation: the headline settings, then a hash of every sample field
     (companion switches, solver, interval...) so that different settings never overwrite."""
     s = config.sample
-    fields = s.to_dict() if hasattr(s, "to_dict") else dict(s)
+    fields = as_dict(s)
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     return (f"n{num_images}_iter{int(s.num_iter)}_{s.head_sampler}_cfg{float(s.cfg_scale):g}"
             f"_{s.cfg_schedule}_{digest[:8]}")

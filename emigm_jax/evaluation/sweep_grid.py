@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 from jax.experimental import multihost_utils
 
-from emigm_jax.config_validation import as_dict, sample_preset
+from emigm_jax.config_validation import as_dict, merged_section, sample_preset
 from emigm_jax.models import seq_len
 
 SWEEP_DEFAULTS = dict(num_iters=(4, 8, 16, 32, 64), cfg_scales=(), cfg_intervals=(),
@@ -89,12 +89,8 @@ class GridPoint:
 
 # ------------------------------------------------------------------------------ settings / grid
 def sweep_settings(config) -> dict:
-    """config.sweep merged over SWEEP_DEFAULTS, checked; unknown fields are an error."""
-    given = as_dict(config.sweep)
-    unknown = sorted(set(given) - set(SWEEP_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config.sweep fields {unknown}; known: {sorted(SWEEP_DEFAULTS)}")
-    s = dict(SWEEP_DEFAULTS, **given)
+    """config.sweep over SWEEP_DEFAULTS, checked."""
+    s = merged_section(config, "sweep", SWEEP_DEFAULTS)
     s["num_iters"] = [int(k) for k in s["num_iters"]]
     bad = [k for k in s["num_iters"] if k < 1]
     if not s["num_iters"] or bad:
