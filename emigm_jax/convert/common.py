@@ -163,7 +163,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule],
     problems = {title: [] for title in PROBLEM_SECTIONS}
     ignored = []
     for key in sorted(state_dict):
-        rule, match = _first_match(compiled, key)
+        rule, match = first_match(compiled, key)
         if rule is None:
             problems["unexpected"].append(f"{key} {_shape_of(state_dict[key])}")
         elif rule.target is None:
@@ -196,7 +196,7 @@ PROBLEM_SECTIONS = {
 }
 
 
-def _first_match(compiled, key: str):
+def first_match(compiled, key: str):
     """(rule, match) of the first rule whose pattern fully matches ``key``, or (None, None)."""
     for rx, r in compiled:
         match = rx.fullmatch(key)
