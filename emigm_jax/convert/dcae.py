@@ -26,12 +26,11 @@ import json
 import os
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 
 from emigm_jax.convert.common import (Rule, convert_state_dict, load_converted, load_state_dict,
                                       run_converter, write_variables)
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
+from emigm_jax.tokenizers.vae import abstract_variables
 
 DCAE_RULES: tuple[Rule, ...] = (
     Rule(r".+\.num_batches_tracked", None),
@@ -47,9 +46,7 @@ _ORIGINAL_FORMAT_MARKERS = (".stages.", ".op_list.", "project_in.", "context_mod
 
 
 def variable_shapes(cfg: DCAEConfig = DC_AE_F32C32_IN) -> Mapping[str, Any]:
-    size = cfg.stride
-    return jax.eval_shape(lambda: AutoencoderDC(cfg).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, size, size, cfg.in_channels))))
+    return abstract_variables(AutoencoderDC(cfg), cfg.stride, cfg.in_channels)
 
 
 def convert_dcae(state_dict: Mapping[str, Any], cfg: DCAEConfig = DC_AE_F32C32_IN) -> dict:

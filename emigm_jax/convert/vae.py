@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 
 from emigm_jax.convert.common import (Rule, convert_state_dict, load_converted, load_state_dict,
                                       run_converter, write_variables)
-from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
+from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig, abstract_variables
 
 KL16_RULES: tuple[Rule, ...] = (
     Rule(r"loss\..*", None),
@@ -36,9 +34,7 @@ KL16_RULES: tuple[Rule, ...] = (
 
 def variable_shapes(cfg: KLVAEConfig = KL16) -> Mapping[str, Any]:
     """Shapes/dtypes of the Flax variables (no allocation)."""
-    size = cfg.stride * 2
-    x = jax.ShapeDtypeStruct((1, size, size, cfg.in_channels), jnp.float32)
-    return jax.eval_shape(lambda: AutoencoderKL(cfg).init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
+    return abstract_variables(AutoencoderKL(cfg), cfg.stride, cfg.in_channels)
 
 
 def convert_kl_vae(state_dict: Mapping[str, Any], cfg: KLVAEConfig = KL16) -> dict:

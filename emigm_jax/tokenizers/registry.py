@@ -25,7 +25,8 @@ import numpy as np
 
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
 from emigm_jax.tokenizers.sdvq import SD_VQ_F8, SDVQConfig, SDVQModel
-from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig, sample_posterior
+from emigm_jax.tokenizers.vae import (KL16, AutoencoderKL, KLVAEConfig, abstract_variables,
+                                      sample_posterior)
 from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, VQModel, token_grid
 
 DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189, "vq": 1.0, "vq8": 1.0, "sdvq_f8": 1.0}
@@ -75,9 +76,7 @@ class Tokenizer:
         return g, g, self.channels
 
     def variable_shapes(self, image_size: int | None = None):
-        s = image_size or self.stride
-        return jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0),
-                                                       jnp.zeros((1, s, s, 3), jnp.float32)))
+        return abstract_variables(self.module, image_size or self.stride)
 
     def random_variables(self, seed: int = 0) -> dict:
         """Random weights for tests and benchmarks (real use loads converted weights).
