@@ -80,15 +80,6 @@ def sample_preset(config, name: str, source: str = "sample preset ",
     return overrides
 
 
-def _get(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if part not in node:
-            raise ConfigError(f"config is missing the field {dotted!r}")
-        node = node[part]
-    return node
-
-
 def _require(cond: bool, field: str, value, expected: str):
     if not cond:
         raise ConfigError(f"config.{field}={value!r} is invalid: expected {expected}")
@@ -153,7 +144,7 @@ def _check_choices(config) -> None:
         section, name = field.split(".")
         if section not in config or name not in config[section]:
             continue
-        value = _get(config, field)
+        value = config[section][name]
         _require(value in allowed, field, value, f"one of {allowed}")
 
 
