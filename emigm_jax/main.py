@@ -121,8 +121,7 @@ def apply_sample_preset(config, name: str | None) -> None:
     except ConfigError as e:
         raise PreflightError(str(e)) from e
     with config.unlocked():
-        for k, v in overrides.items():
-            config.sample[k] = v
+        config.sample.update(overrides)
 
 
 def preflight(config, mode: str) -> None:

@@ -194,17 +194,13 @@ def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_f
 def reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag: str,
                        batch_size: int = 250) -> dict:
     """FID / sFID / IS / precision / recall of ``summary`` against the configured references."""
-    out: dict[str, float] = {}
     ref_path, stats_path = settings["reference_path"], settings["fid_stats_path"]
-    if ref_path:
-        ref = load_reference_stats(ref_path)
-        feats = None
-        if ref.num_images:
-            feats = reference_pool_features(ref_path, feature_fn, batch_size=batch_size,
-                                            cache_dir=settings["cache_dir"] or None, tag=tag)
-        out.update(compute_metrics(summary, ref, feats))
-    else:
-        out.update(compute_metrics(summary, None))
+    ref = load_reference_stats(ref_path) if ref_path else None
+    feats = None
+    if ref is not None and ref.num_images:
+        feats = reference_pool_features(ref_path, feature_fn, batch_size=batch_size,
+                                        cache_dir=settings["cache_dir"] or None, tag=tag)
+    out = compute_metrics(summary, ref, feats)
     if stats_path:
         st = load_reference_stats(stats_path)
         mu, sigma = summary.pool.finalize()
