@@ -158,9 +158,8 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
     ema_decay = float(config.optim.ema_decay)
 
     def loss_and_grad(params, batch, rng):
-        def f(p):
-            return loss_fn(p, batch, rng, config, train=True)
-        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)  # w.r.t. params
+        (loss, metrics), grads = value_and_grad(params, batch, rng, config, train=True)
         return loss, metrics, grads
 
     def step_fn(state: TrainState, batch, aux=None) -> tuple[TrainState, dict]:
