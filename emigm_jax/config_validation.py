@@ -52,6 +52,16 @@ def as_dict(node) -> dict:
     return node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
 
 
+def merged_section(config, section: str, defaults: dict) -> dict:
+    """``config.<section>`` over ``defaults`` (a section may be given in part); an unknown
+    field is an error (typo guard)."""
+    given = as_dict(config[section])
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config.{section} fields {unknown}; known: {sorted(defaults)}")
+    return dict(defaults, **given)
+
+
 def sample_preset(config, name: str, source: str = "sample preset ",
                   also_accepted: tuple[str, ...] = ()) -> dict:
     """The sample-field overrides ``config.sample_presets[name]``, checked.
@@ -69,15 +79,6 @@ def sample_preset(config, name: str, source: str = "sample preset ",
         raise ConfigError(f"sample preset {name!r} sets unknown fields "
                           f"{['sample.' + u for u in unknown]}")
     return overrides
-
-
-def _get(config, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if part not in node:
-            raise ConfigError(f"config is missing the field {dotted!r}")
-        node = node[part]
-    return node
 
 
 def _require(cond: bool, field: str, value, expected: str):
@@ -144,7 +145,7 @@ def _check_choices(config) -> None:
         section, name = field.split(".")
         if section not in config or name not in config[section]:
             continue
-        value = _get(config, field)
+        value = config[section][name]
         _require(value in allowed, field, value, f"one of {allowed}")
 
 

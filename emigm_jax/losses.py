@@ -111,7 +111,6 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
                     t=draw.p, rngs={"dropout": rng_dropout}, method="transformer")
     z = z.astype(jnp.float32)
 
-    metrics = {}
     if config.model.head == "diffusion":
         per_token, mse, vb = diffusion_token_loss(
             model, params, tokens.astype(jnp.float32), z, rng_head,
@@ -122,21 +121,16 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
         per_token = cross_entropy(logits, tokens, config.train.label_smoothing)
 
     maskf = draw.mask.astype(jnp.float32)
+    num_masked = jnp.maximum(maskf.sum(), 1.0)
     weight = schedule.weight(draw.p, config.mask.weight)[:, None]  # [B, 1]
-    if config.mask.loss_norm == "masked":
-        denom = jnp.maximum(maskf.sum(), 1.0)
-    else:
-        denom = jnp.float32(b * n)
+    denom = num_masked if config.mask.loss_norm == "masked" else jnp.float32(b * n)
     loss = jnp.sum(per_token * weight * maskf) / denom
 
-    masked_mean = lambda v: jnp.sum(v * maskf) / jnp.maximum(maskf.sum(), 1.0)
-    metrics["loss"] = loss
-    metrics["mask_ratio"] = jnp.mean(maskf)
-    metrics["t"] = jnp.mean(draw.p)
-    metrics["token_loss"] = masked_mean(per_token)
+    masked_mean = lambda v: jnp.sum(v * maskf) / num_masked
+    metrics = {"loss": loss, "mask_ratio": jnp.mean(maskf), "t": jnp.mean(draw.p),
+               "token_loss": masked_mean(per_token)}
     if config.model.head == "diffusion":
-        metrics["mse"] = masked_mean(mse)
-        metrics["vb"] = masked_mean(vb)
+        metrics.update(mse=masked_mean(mse), vb=masked_mean(vb))
     return loss, metrics
 
 

@@ -121,8 +121,7 @@ def apply_sample_preset(config, name: str | None) -> None:
     except ConfigError as e:
         raise PreflightError(str(e)) from e
     with config.unlocked():
-        for k, v in overrides.items():
-            config.sample[k] = v
+        config.sample.update(overrides)
 
 
 def preflight(config, mode: str) -> None:
@@ -228,8 +227,8 @@ def sampling_params(config, params, mesh):
 def run_mode(config, workdir: str, mode: str) -> dict:
 
     digits = config.data.source == "digits"
+    mesh = shd.make_mesh(config.mesh)
     if mode == "train":
-        mesh = shd.make_mesh(config.mesh)
         sample_fn = digits_sample_fn(config, mesh) if digits and \
             int(config.train.sample_every) > 0 else None
         result = train_lib.train(config, workdir, sample_fn=sample_fn,
@@ -247,7 +246,6 @@ def run_mode(config, workdir: str, mode: str) -> dict:
                                  train_steps=result.step, train_seconds=seconds)
         return {"step": result.step}
 
-    mesh = shd.make_mesh(config.mesh)
     step, params = restore_ema_params(config, workdir, mesh)
     params = sampling_params(config, params, mesh)
     if digits and mode in ("sample", "evaluate"):

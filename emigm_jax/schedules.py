@@ -103,13 +103,12 @@ class MaskSchedule:
         raise ValueError(f"unknown loss weight {weight!r}; expected one of {WEIGHT_NAMES}")
 
 
-def get_schedule(name: str, *, exp_rate: float = 5.0, pow_rho: float = 0.5,
-                 poly_p: float = 0.5) -> MaskSchedule:
-    """Builds a schedule by name, resolving the reference code's and papers' aliases."""
-    params = dict(exp_rate=exp_rate, pow_rho=pow_rho, poly_p=poly_p)
+def get_schedule(name: str, **params: float) -> MaskSchedule:
+    """Builds a schedule by name (``params``: exp_rate, pow_rho, poly_p, else MaskSchedule's
+    defaults), resolving the reference code's and papers' aliases."""
     if name in SCHEDULE_ALIASES:
         name, overrides = SCHEDULE_ALIASES[name]
-        params.update(overrides)
+        params = dict(params, **overrides)
     return MaskSchedule(name=name, **params)
 
 

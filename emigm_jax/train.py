@@ -155,9 +155,8 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
     ema_decay = float(config.optim.ema_decay)
 
     def loss_and_grad(params, batch, rng):
-        def f(p):
-            return loss_fn(p, batch, rng, config, train=True)
-        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)  # w.r.t. params
+        (loss, metrics), grads = value_and_grad(params, batch, rng, config, train=True)
         return loss, metrics, grads
 
     def step_fn(state: TrainState, batch, aux=None) -> tuple[TrainState, dict]:
@@ -214,11 +213,6 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
     return new_state, grad_norm, ok
 
 
-def state_shardings(abstract_state: TrainState, mesh, rules=()) -> TrainState:
-    """Params/EMA/optimizer state by the sharding rules; scalars and the key replicated."""
-    return shd.named_shardings(abstract_state, mesh, rules)
-
-
 def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True, aux_sharding=None):
     """jax.jit with explicit shardings: state as given, batch over (data, fsdp), metrics
     replicated; ``aux_sharding`` (e.g. replicated tokenizer weights) adds a third argument."""
@@ -246,7 +240,7 @@ def create_sharded_state(config, mesh, optimizer, init_params_fn: Callable[[jax.
         return init_train_state(init_params_fn(rng), optimizer, train_key)
 
     abstract = jax.eval_shape(init, init_rng)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = shd.named_shardings(abstract, mesh, rules)  # scalars and the key: replicated
     state = jax.jit(init, out_shardings=shardings)(init_rng) if initialize else None
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from emigm_jax.convert import inception as conv
-from emigm_jax.convert.common import ConversionError
+from emigm_jax.convert.common import ConversionError, write_variables
 from emigm_jax.evaluation.inception import (FIDInceptionV3, make_feature_fn, preprocess_images,
                                             resize_matrix, variable_shapes)
 
@@ -151,7 +151,7 @@ def test_msgpack_roundtrip_and_pth_loading(tmp_path, torch_state_dict):
     torch.save(torch_state_dict, pth)
     v = conv.load_inception_variables(str(pth))
     out = tmp_path / "inception.msgpack"
-    conv.save_inception_variables(v, str(out))
+    write_variables(v, str(out))
     back = conv.load_inception_variables(str(out))
     jax.tree.map(np.testing.assert_array_equal, v, back)
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):

@@ -163,7 +163,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], rules: Sequence[Rule],
     problems = {title: [] for title in PROBLEM_SECTIONS}
     ignored = []
     for key in sorted(state_dict):
-        rule, match = _first_match(compiled, key)
+        rule, match = first_match(compiled, key)
         if rule is None:
             problems["unexpected"].append(f"{key} {_shape_of(state_dict[key])}")
         elif rule.target is None:
@@ -196,7 +196,7 @@ PROBLEM_SECTIONS = {
 }
 
 
-def _first_match(compiled, key: str):
+def first_match(compiled, key: str):
     """(rule, match) of the first rule whose pattern fully matches ``key``, or (None, None)."""
     for rx, r in compiled:
         match = rx.fullmatch(key)
@@ -284,6 +284,18 @@ def load_state_dict(path: str | os.PathLike, key: str | None = None, *,
                              f"key=... to select the state dict (top-level keys: {sorted(obj)[:20]})")
         out[k] = to_numpy(v)
     return out
+
+
+def load_converted(path: str, target: Mapping[str, Any], what: str) -> dict:
+    """Variables from a converted ``.msgpack``, held to the same coverage check as a fresh
+    conversion (names and shapes against ``target``), so a file for another config fails."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"converted {what} file not found: {path!r}")
+    with open(path, "rb") as f:
+        variables = serialization.msgpack_restore(f.read())
+    flat = {".".join(k): v for k, v in flatten(variables).items()}
+    return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),), target,
+                              what=f"converted {what} {path!r}")
 
 
 def write_variables(variables: Mapping[str, Any], dst: str) -> None:

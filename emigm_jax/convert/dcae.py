@@ -26,12 +26,11 @@ import json
 import os
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
-from flax import serialization, traverse_util
 
-from emigm_jax.convert.common import Rule, convert_state_dict, load_state_dict, run_converter
+from emigm_jax.convert.common import (Rule, convert_state_dict, load_converted, load_state_dict,
+                                      run_converter, write_variables)
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
+from emigm_jax.tokenizers.vae import abstract_variables
 
 DCAE_RULES: tuple[Rule, ...] = (
     Rule(r".+\.num_batches_tracked", None),
@@ -47,9 +46,7 @@ _ORIGINAL_FORMAT_MARKERS = (".stages.", ".op_list.", "project_in.", "context_mod
 
 
 def variable_shapes(cfg: DCAEConfig = DC_AE_F32C32_IN) -> Mapping[str, Any]:
-    size = cfg.stride
-    return jax.eval_shape(lambda: AutoencoderDC(cfg).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, size, size, cfg.in_channels))))
+    return abstract_variables(AutoencoderDC(cfg), cfg.stride, cfg.in_channels)
 
 
 def convert_dcae(state_dict: Mapping[str, Any], cfg: DCAEConfig = DC_AE_F32C32_IN) -> dict:
@@ -102,11 +99,7 @@ def load_dcae(path: str, cfg: DCAEConfig | None = None) -> tuple[dict, DCAEConfi
             raise ValueError(f"{path!r}: config.json differs from the requested config: {diff}")
     wf = _weights_file(path)
     if wf.endswith(".msgpack"):
-        with open(wf, "rb") as f:
-            tree = serialization.msgpack_restore(f.read())
-        flat = {".".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
-        return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),), variable_shapes(cfg),
-                                  what=f"converted DC-AE {wf!r}"), cfg
+        return load_converted(wf, variable_shapes(cfg), "DC-AE"), cfg
     return convert_dcae(load_state_dict(wf), cfg), cfg
 
 
@@ -116,10 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--dst", required=True, help="output .msgpack of Flax variables")
     args = p.parse_args(argv)
     variables, cfg = load_dcae(args.src)
-    with open(args.dst, "wb") as f:
-        f.write(serialization.msgpack_serialize(variables))
-    n = sum(v.size for v in traverse_util.flatten_dict(variables).values())
-    print(f"wrote {args.dst}: {n:,} values; config {cfg}")
+    write_variables(variables, args.dst)
+    print(f"config {cfg}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ from etils import epath
 from emigm_jax.checkpoint import Checkpointer
 from emigm_jax.config_files import load_config
 from emigm_jax.convert.common import (TRANSFORMS, ConversionError, Rule, convert_state_dict,
-                                      dotted_to_path, flatten, load_state_dict, to_numpy)
+                                      dotted_to_path, first_match, flatten, load_state_dict,
+                                      to_numpy)
 from emigm_jax.convert.emigm_configs import (CheckpointMismatchError, available_configs,
                                              check_args_against_config, config_from_args,
                                              config_signature, shape_signature)
@@ -259,11 +260,8 @@ def first_mismatch(sd: Mapping[str, np.ndarray], config, shapes=None) -> str | N
     sd = prepare_state_dict(sd, cfg_mode)
     for key, value in sd.items():
         src = tuple(value.shape)
-        for rx, rule in rules:
-            m = rx.fullmatch(key)
-            if m:
-                break
-        else:
+        rule, m = first_match(rules, key)
+        if rule is None:
             return f"checkpoint tensor {key!r} {src} has no counterpart in the model"
         if rule.target is None:
             if key == "fake_latent" and "mask_token" in sd and src != tuple(sd["mask_token"].shape):

@@ -23,12 +23,10 @@ import argparse
 import os
 from typing import Any, Mapping
 
-import jax
-import numpy as np
-from flax import serialization, traverse_util
+from flax import traverse_util
 
-from emigm_jax.convert.common import (ConversionError, Rule, convert_state_dict,
-                                      load_state_dict, run_converter)
+from emigm_jax.convert.common import (Rule, convert_state_dict, load_converted, load_state_dict,
+                                      run_converter, write_variables)
 from emigm_jax.evaluation.inception import FIDInceptionV3, variable_shapes
 
 RULES: tuple[Rule, ...] = (
@@ -77,12 +75,6 @@ def expected_torch_layout(model: FIDInceptionV3 | None = None) -> dict[str, tupl
     return out
 
 
-def save_inception_variables(variables: Mapping[str, Any], path: str) -> None:
-    host = jax.tree.map(np.asarray, dict(variables))
-    with open(path, "wb") as f:
-        f.write(serialization.msgpack_serialize(host))
-
-
 def load_inception_variables(path: str) -> dict:
     """Loads Flax Inception variables from a .pth (converted on the fly) or a .msgpack."""
     if not path:
@@ -93,19 +85,7 @@ def load_inception_variables(path: str) -> dict:
                                 "pt_inception-2015-12-05-6726825d.pth or a converted .msgpack)")
     if path.endswith((".pth", ".pt", ".bin")):
         return torch_to_flax(load_state_dict(path))
-    with open(path, "rb") as f:
-        restored = serialization.msgpack_restore(f.read())
-    template = traverse_util.flatten_dict(variable_shapes())
-    flat = traverse_util.flatten_dict(restored)
-    extra = sorted("/".join(k) for k in set(flat) - set(template))
-    missing = sorted("/".join(k) for k in set(template) - set(flat))
-    bad = sorted(f"{'/'.join(k)} {tuple(flat[k].shape)} != {tuple(s.shape)}"
-                 for k, s in template.items() if k in flat and tuple(flat[k].shape) != s.shape)
-    if extra or missing or bad:
-        raise ConversionError(f"Inception variables {path!r} do not match FIDInceptionV3: "
-                              f"unexpected {extra[:10]}, missing {missing[:10]}, "
-                              f"shape mismatches {bad[:10]}")
-    return restored
+    return load_converted(path, variable_shapes(), "FID Inception")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,10 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--src", required=True, help="pt_inception-2015-12-05-*.pth")
     ap.add_argument("--dst", required=True, help="output .msgpack")
     args = ap.parse_args(argv)
-    variables = torch_to_flax(load_state_dict(args.src))
-    save_inception_variables(variables, args.dst)
-    n = sum(np.size(x) for x in jax.tree.leaves(variables))
-    print(f"wrote {args.dst}: {n} values")
+    write_variables(torch_to_flax(load_state_dict(args.src)), args.dst)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,9 @@ CLI: ``python -m emigm_jax.convert.sdvq --src model.ckpt --dst sdvq_f8.msgpack``
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Mapping
 
-from flax import serialization
-
-from emigm_jax.convert.common import (Rule, convert_state_dict, flatten, load_state_dict,
+from emigm_jax.convert.common import (Rule, convert_state_dict, load_converted, load_state_dict,
                                       write_variables)
 from emigm_jax.tokenizers.sdvq import SD_VQ_F8, SDVQConfig, sdvq_variable_shapes
 
@@ -46,13 +43,7 @@ def convert_sdvq(state_dict: Mapping[str, Any], cfg: SDVQConfig = SD_VQ_F8) -> d
 def load_sdvq(path: str, cfg: SDVQConfig = SD_VQ_F8, key: str | None = "state_dict") -> dict:
     """Flax variables from ``model.ckpt`` (torch), a flat ``.safetensors`` or a converted ``.msgpack``."""
     if path.endswith(".msgpack"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"converted SD-VQ file not found: {path!r}")
-        with open(path, "rb") as f:
-            variables = serialization.msgpack_restore(f.read())
-        flat = {".".join(k): v for k, v in flatten(variables).items()}
-        return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),),
-                                  sdvq_variable_shapes(cfg), what=f"converted SD-VQ {path!r}")
+        return load_converted(path, sdvq_variable_shapes(cfg), "SD-VQ")
     sd = load_state_dict(path, key=None if path.endswith(".safetensors") else key)
     return convert_sdvq(sd, cfg)
 

@@ -17,15 +17,12 @@ variables that load without torch.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
-from flax import serialization
 
-from emigm_jax.convert.common import Rule, convert_state_dict, load_state_dict, run_converter
-from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
+from emigm_jax.convert.common import (Rule, convert_state_dict, load_converted, load_state_dict,
+                                      run_converter, write_variables)
+from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig, abstract_variables
 
 KL16_RULES: tuple[Rule, ...] = (
     Rule(r"loss\..*", None),
@@ -37,9 +34,7 @@ KL16_RULES: tuple[Rule, ...] = (
 
 def variable_shapes(cfg: KLVAEConfig = KL16) -> Mapping[str, Any]:
     """Shapes/dtypes of the Flax variables (no allocation)."""
-    size = cfg.stride * 2
-    x = jax.ShapeDtypeStruct((1, size, size, cfg.in_channels), jnp.float32)
-    return jax.eval_shape(lambda: AutoencoderKL(cfg).init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))
+    return abstract_variables(AutoencoderKL(cfg), cfg.stride, cfg.in_channels)
 
 
 def convert_kl_vae(state_dict: Mapping[str, Any], cfg: KLVAEConfig = KL16) -> dict:
@@ -51,22 +46,9 @@ def convert_kl_vae(state_dict: Mapping[str, Any], cfg: KLVAEConfig = KL16) -> di
 def load_kl_vae(path: str, cfg: KLVAEConfig = KL16, key: str | None = "model") -> dict:
     """Flax variables from ``kl16.ckpt`` (torch), a ``.safetensors`` file or a converted ``.msgpack``."""
     if path.endswith(".msgpack"):
-        with open(path, "rb") as f:
-            variables = serialization.msgpack_restore(f.read())
-        # Re-run the coverage check on the restored tree (names and shapes).
-        flat = {".".join(k): v for k, v in _flatten_named(variables)}
-        return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),), variable_shapes(cfg),
-                                  what=f"converted KL VAE {path!r}")
+        return load_converted(path, variable_shapes(cfg), "KL VAE")
     sd = load_state_dict(path, key=None if path.endswith(".safetensors") else key)
     return convert_kl_vae(sd, cfg)
-
-
-def _flatten_named(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten_named(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
 
 
 def main(argv=None) -> None:
@@ -75,12 +57,7 @@ def main(argv=None) -> None:
     p.add_argument("--dst", required=True, help="output .msgpack of Flax variables")
     p.add_argument("--key", default="model", help="sub-dict holding the state dict")
     args = p.parse_args(argv)
-    variables = load_kl_vae(args.src, KL16, key=args.key)
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    with open(args.dst, "wb") as f:
-        f.write(serialization.msgpack_serialize(variables))
-    n = sum(v.size for _, v in _flatten_named(variables))
-    print(f"wrote {args.dst}: {n:,} parameters")
+    write_variables(load_kl_vae(args.src, KL16, key=args.key), args.dst)
 
 
 if __name__ == "__main__":

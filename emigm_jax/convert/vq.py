@@ -25,13 +25,11 @@ variables that load without torch.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Mapping
 
-from flax import serialization
-
-from emigm_jax.convert.common import (Rule, convert_state_dict, flatten, load_state_dict,
-                                      run_converter, select_entry, to_numpy, write_variables)
+from emigm_jax.convert.common import (Rule, convert_state_dict, load_converted,
+                                      load_state_dict, run_converter, select_entry, to_numpy,
+                                      write_variables)
 from emigm_jax.convert.torch_io import load_pth
 from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, vq_variable_shapes
 
@@ -97,13 +95,7 @@ def load_vq(path: str, cfg: VQConfig = VQ16, key: str | None = "model", *,
     without ``trusted_pickle``.
     """
     if path.endswith(".msgpack"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"converted VQ file not found: {path!r}")
-        with open(path, "rb") as f:
-            variables = serialization.msgpack_restore(f.read())
-        flat = {".".join(k): v for k, v in flatten(variables).items()}
-        return convert_state_dict(flat, (Rule(r"(?P<p>.+)", r"\g<p>"),), vq_variable_shapes(cfg),
-                                  what=f"converted VQ {path!r}")
+        return load_converted(path, vq_variable_shapes(cfg), "VQ")
     if path.endswith(".safetensors"):
         return convert_vq(load_state_dict(path), cfg)
     return convert_vq({k: to_numpy(v) for k, v in select_entry(

@@ -138,17 +138,10 @@ def _settings(config, tok, n_files: int, shard_size: int, dtype: str, source: st
     t = config.tokenizer
     weights = t.get("path", "") or f"random_init(seed={int(t.get('seed', 0))})"
     return dict(format_version=FORMAT_VERSION, tokenizer=tok.name, tokenizer_weights=weights,
-                tokenizer_arch=_jsonable(tok.arch.__dict__), image_size=int(config.data.image_size),
+                tokenizer_arch=json.loads(json.dumps(tok.arch.__dict__)),  # tuples as lists
+                image_size=int(config.data.image_size),
                 dtype=dtype, num_files=n_files, shard_size=shard_size, source=source, split=split,
                 record_shape=list(record_shape), num_moments=tok.num_moments)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def cache_latents(config, cache_dir: str, *, labels_file: str | None = None,

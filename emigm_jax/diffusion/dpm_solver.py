@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -194,7 +195,7 @@ def _step_coefficients(ns: NoiseScheduleVP, s: float, t: float, order: int, r1, 
             out_b = -a_t * phi_1 * e0 - (0.5 / r1) * a_t * phi_1 * diff
         else:
             out_b = -a_t * phi_1 * e0 + (1.0 / r1) * a_t * (phi_1 / h + 1.0) * diff
-    elif order == 3:
+    else:  # order 3 (make_plan has checked the order)
         r1 = 1.0 / 3.0 if r1 is None else r1
         r2 = 2.0 / 3.0 if r2 is None else r2
         s1 = float(ns.inverse_lambda(np.float64(lam_s + r1 * h)))
@@ -218,8 +219,6 @@ def _step_coefficients(ns: NoiseScheduleVP, s: float, t: float, order: int, r1, 
             D1 = (r2 * D1_0 - r1 * D1_1) / (r2 - r1)
             D2 = 2.0 * (D1_1 - D1_0) / (r2 - r1)
             out_b = -a_t * phi_1 * e0 + a_t * phi_2 * D1 - a_t * phi_3 * D2
-    else:
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
     return times, st_a, st_b, float(out_a), np.asarray(out_b, np.float64)
 
 
@@ -252,8 +251,6 @@ def _multistep_coefficients(ns, t_prev: Sequence[float], t: float, order: int, h
         phi_2 = phi_1 / h + 1.0
         phi_3 = phi_2 / h - 0.5
         b = b + a_t * phi_2 * D1 - a_t * phi_3 * D2
-    elif order != 1:
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
     return float(sig_t / sig_p0), b
 
 
@@ -289,8 +286,7 @@ def make_plan(schedule: NoiseScheduleVP | None = None, steps: int = 8, order: in
     t_0 = ns.default_t_end if t_end is None else float(t_end)
     if not (t_0 > 0 and t_T > t_0):
         raise ValueError(f"need t_start > t_end > 0, got t_start={t_T}, t_end={t_0}")
-    final = _eval_point(ns, t_0) if denoise_to_zero else None
-    final = None if final is None else final.astype(np.float32)
+    final = _eval_point(ns, t_0).astype(np.float32) if denoise_to_zero else None
     nfe = num_model_evals(steps, order, method, denoise_to_zero)
     if method == "multistep":
         orders, ts, ms = _multistep_plan(ns, steps, order, skip_type, t_T, t_0,
@@ -349,21 +345,16 @@ def _singlestep_stages(ns, orders, outer, skip_type: str, solver_type: str) -> t
         times, st_a, st_b, out_a, out_b = _step_coefficients(ns, s, t, k, r1, r2, solver_type)
         per_step.append((k, np.stack([_eval_point(ns, v) for v in times]), st_a, st_b, out_a,
                          out_b))
+    f32 = lambda xs: np.asarray(xs, np.float32)
     stages = []
-    i = 0
-    while i < len(per_step):
-        j = i
-        while j < len(per_step) and per_step[j][0] == per_step[i][0]:
-            j += 1
-        run = per_step[i:j]
-        f32 = lambda xs: np.asarray(xs, np.float32)
+    for order, group in itertools.groupby(per_step, key=lambda r: r[0]):
+        run = list(group)
         stages.append(_Stages(
-            order=run[0][0],
+            order=order,
             model_t=f32([r[1][:, 0] for r in run]), alpha=f32([r[1][:, 1] for r in run]),
             sigma=f32([r[1][:, 2] for r in run]), stage_a=f32([r[2] for r in run]),
             stage_b=f32([r[3] for r in run]), out_a=f32([r[4] for r in run]),
             out_b=f32([r[5] for r in run])))
-        i = j
     return tuple(stages)
 
 

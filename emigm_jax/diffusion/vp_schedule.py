@@ -7,6 +7,7 @@ used in the solver's own tests.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,6 @@ class DiscreteVPSchedule(NoiseScheduleVP):
         self.log_alpha_array = np.asarray(log_alphas.astype(table_dtype), np.float64)
         self.total_N = int(self.log_alpha_array.shape[0])
         self.t_array = np.linspace(0.0, 1.0, self.total_N + 1)[1:]
-        self.T = 1.0
 
     def __repr__(self) -> str:
         return f"DiscreteVPSchedule(total_N={self.total_N}, dropped={self.num_dropped})"
@@ -110,7 +110,6 @@ class LinearVPSchedule(NoiseScheduleVP):
 
     def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0):
         self.beta_0, self.beta_1 = float(beta_0), float(beta_1)
-        self.T, self.total_N = 1.0, 1000
 
     def __repr__(self) -> str:
         return f"LinearVPSchedule(beta_0={self.beta_0}, beta_1={self.beta_1})"
@@ -125,11 +124,7 @@ class LinearVPSchedule(NoiseScheduleVP):
         return tmp / (xp.sqrt(delta) + self.beta_0) / db
 
 
-_DEFAULT_SCHEDULE: list[DiscreteVPSchedule] = []
-
-
+@functools.lru_cache(maxsize=None)
 def default_schedule() -> DiscreteVPSchedule:
     """The head's solver schedule (cosine, 1000 -> 996 steps); one cached instance."""
-    if not _DEFAULT_SCHEDULE:
-        _DEFAULT_SCHEDULE.append(DiscreteVPSchedule())
-    return _DEFAULT_SCHEDULE[0]
+    return DiscreteVPSchedule()

@@ -60,7 +60,6 @@ def digits_sweep(config, params, workdir: str, mesh) -> dict:
     tok = digits_tokenizer(config)
     seed = int(config.seed) + 1
     test_fraction, split_seed = digits_split(config)
-    reference = {}
 
     def run_point(cfg, point):  # pylint: disable=unused-argument
         tokens, info = sample_digits(params, labels, cfg, mesh, seed)
@@ -84,10 +83,8 @@ def digits_sweep(config, params, workdir: str, mesh) -> dict:
            if "nfe" in r and r["nfe"] != r["nfe_expected"]]
     if bad:  # the scan's own count disagreeing with the host plan is a sampler bug
         logging.warning("digits sweep: measured NFE != expected_nfe at (preset, num_iter) %s", bad)
-    for r in rows:
-        if "real_fd" in r:
-            reference = {"fd": r["real_fd"], "class_accuracy": r["real_class_accuracy"]}
-            break
+    reference = next(({"fd": r["real_fd"], "class_accuracy": r["real_class_accuracy"]}
+                      for r in rows if "real_fd" in r), {})
     notes = []
     if reference:
         notes.append(f"Real data ({k} images): class accuracy {reference['class_accuracy']:.3f} "

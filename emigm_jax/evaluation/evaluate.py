@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from emigm_jax import sharding as shd
+from emigm_jax.config_validation import as_dict, merged_section
 from emigm_jax.evaluation.inception import INCEPTION_SIZE, make_feature_fn
 from emigm_jax.evaluation.metrics import RunningStats, frechet_distance
 from emigm_jax.evaluation.reference import (FeatureSummary, compute_metrics,
@@ -44,13 +45,8 @@ EVAL_DEFAULTS = dict(inception_path="", reference_path="", fid_stats_path="", pr
 
 
 def eval_settings(config) -> dict:
-    """config.eval merged over EVAL_DEFAULTS; unknown fields are an error (typo guard)."""
-    given = config.eval
-    given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
-    unknown = sorted(set(given) - set(EVAL_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config.eval fields {unknown}; known: {sorted(EVAL_DEFAULTS)}")
-    s = dict(EVAL_DEFAULTS, **given)
+    """config.eval over EVAL_DEFAULTS, checked."""
+    s = merged_section(config, "eval", EVAL_DEFAULTS)
     if not s["num_images"]:
         s["num_images"] = int(config.sample.num_images)
     if s["preprocess"] not in ("adm", "pytorch_fid"):
@@ -128,10 +124,6 @@ class _Partial:
         os.replace(tmp, self.path)
         self.last = time.monotonic()
 
-    def remove(self) -> None:
-        if self.path and jax.process_index() == 0 and os.path.exists(self.path):
-            os.remove(self.path)
-
 
 def _stats_arrays(name: str, st: RunningStats) -> dict:
     return {f"{name}_count": np.asarray(st.count), f"{name}_mean": st.mean, f"{name}_m2": st.m2}
@@ -151,7 +143,7 @@ def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_f
     excluded; summed over resumed segments), feature_seconds, labels, images (the first
     `keep_images`, uint8 host array; all of them if save_all). With ``partial_path`` the
     accumulators are saved there every ``partial_every_s`` seconds and a run resumes from
-    them (see ``_Partial``); the file is removed once the summary is complete.
+    them (see ``_Partial``); ``evaluate`` removes the file once the metrics are written.
     """
     labels = balanced_labels(num_images, int(config.model.num_classes), seed)
     partial = _Partial(partial_path, partial_key, partial_every_s)
@@ -196,24 +188,19 @@ def sample_and_summarize(config, params, mesh, *, decode_fn: Callable, feature_f
     summary = FeatureSummary(pool, spat, np.concatenate(pools), np.concatenate(logits))
     return summary, {"nfe": nfe, "sample_seconds": times.sample_seconds + t_decode,
                      "feature_seconds": t_feat, "labels": labels,
-                     "images": imgs if save_all else imgs[:keep_images],
-                     "partial": partial}
+                     "images": imgs if save_all else imgs[:keep_images]}
 
 
 def reference_metrics(summary: FeatureSummary, settings: dict, feature_fn, tag: str,
                        batch_size: int = 250) -> dict:
     """FID / sFID / IS / precision / recall of ``summary`` against the configured references."""
-    out: dict[str, float] = {}
     ref_path, stats_path = settings["reference_path"], settings["fid_stats_path"]
-    if ref_path:
-        ref = load_reference_stats(ref_path)
-        feats = None
-        if ref.num_images:
-            feats = reference_pool_features(ref_path, feature_fn, batch_size=batch_size,
-                                            cache_dir=settings["cache_dir"] or None, tag=tag)
-        out.update(compute_metrics(summary, ref, feats))
-    else:
-        out.update(compute_metrics(summary, None))
+    ref = load_reference_stats(ref_path) if ref_path else None
+    feats = None
+    if ref is not None and ref.num_images:
+        feats = reference_pool_features(ref_path, feature_fn, batch_size=batch_size,
+                                        cache_dir=settings["cache_dir"] or None, tag=tag)
+    out = compute_metrics(summary, ref, feats)
     if stats_path:
         st = load_reference_stats(stats_path)
         mu, sigma = summary.pool.finalize()
@@ -240,7 +227,7 @@ def run_tag(config, num_images: int) -> str:
     """File name of an evaluation: the headline settings, then a hash of every sample field
     (companion switches, solver, interval...) so that different settings never overwrite."""
     s = config.sample
-    fields = s.to_dict() if hasattr(s, "to_dict") else dict(s)
+    fields = as_dict(s)
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     return (f"n{num_images}_iter{int(s.num_iter)}_{s.head_sampler}_cfg{float(s.cfg_scale):g}"
             f"_{s.cfg_schedule}_{digest[:8]}")
@@ -264,13 +251,14 @@ def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) ->
     tag = inception_tag(settings)
     num_images = int(settings["num_images"])
     out_dir, name = os.path.join(workdir, "eval"), run_tag(config, num_images)
+    partial_path = os.path.join(out_dir, f"{name}.partial.npz")
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
     summary, info = sample_and_summarize(
         config, params, mesh, decode_fn=make_decode_fn(config, mesh), feature_fn=feature_fn,
         num_images=num_images, seed=int(config.seed) + 1, keep_images=int(settings["preview"]),
         save_all=bool(settings["save_npz"]),
-        partial_path=os.path.join(out_dir, f"{name}.partial.npz"),
+        partial_path=partial_path,
         partial_key=f"{name}|{tag}|{params_fingerprint(params)}|seed{int(config.seed)}",
         partial_every_s=float(settings["partial_every_s"]))
     metrics = reference_metrics(summary, settings, feature_fn, tag,
@@ -294,5 +282,6 @@ def evaluate(config, params, workdir: str, mesh, *, inception_variables: Any) ->
                      arr_1=info["labels"])
         print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in metrics.items()), flush=True)
-    info["partial"].remove()
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
     return metrics

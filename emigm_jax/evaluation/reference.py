@@ -14,6 +14,7 @@ so users can build statistics for their own data (CLI: `emigm_jax.evaluation.mak
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -75,29 +76,21 @@ def load_reference_stats(path: str) -> ReferenceStats:
 # ----------------------------------------------------------------------------- arr_0 streaming
 def _npz_array_shape(path: str, name: str) -> tuple[int, ...]:
     with _open_npy(path, name) as f:
-        shape, _, _ = _read_npy_header(f)
-    return shape
+        return _read_npy_header(f)[0]
 
 
+@contextlib.contextmanager
 def _open_npy(path: str, name: str):
-    zf = zipfile.ZipFile(path, "r")
-    member = f"{name}.npy"
-    if member not in zf.namelist():
-        zf.close()
-        raise KeyError(f"{path!r} has no array {name!r}")
-
-    class _Ctx:
-        def __enter__(self):
-            self.f = zf.open(member, "r")
-            return self.f
-
-        def __exit__(self, *exc):
-            self.f.close()
-            zf.close()
-    return _Ctx()
+    """The raw stream of array ``name`` inside the npz at ``path`` (not loaded)."""
+    with zipfile.ZipFile(path, "r") as zf:
+        if f"{name}.npy" not in zf.namelist():
+            raise KeyError(f"{path!r} has no array {name!r}")
+        with zf.open(f"{name}.npy", "r") as f:
+            yield f
 
 
 def _read_npy_header(f):
+    """(shape, dtype) of a C-ordered, non-object .npy stream positioned at its start."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -107,14 +100,14 @@ def _read_npy_header(f):
         raise ValueError(f"unsupported .npy version {version}")
     if fortran or dtype.hasobject:
         raise ValueError("reference images must be a C-ordered, non-object array")
-    return shape, fortran, dtype
+    return shape, dtype
 
 
 def iter_npz_images(path: str, batch_size: int, name: str = IMAGE_KEY) -> Iterator[np.ndarray]:
     """Streams [b, H, W, 3] batches of an npz array without loading all of it (2 GB for 10K
     256px images)."""
     with _open_npy(path, name) as f:
-        shape, _, dtype = _read_npy_header(f)
+        shape, dtype = _read_npy_header(f)
         row = int(np.prod(shape[1:])) * dtype.itemsize
         for lo in range(0, shape[0], batch_size):
             b = min(batch_size, shape[0] - lo)

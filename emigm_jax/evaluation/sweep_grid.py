@@ -23,8 +23,9 @@ import matplotlib
 import numpy as np
 from jax.experimental import multihost_utils
 
-from emigm_jax.config_validation import as_dict, sample_preset
+from emigm_jax.config_validation import as_dict, merged_section, sample_preset
 from emigm_jax.models import seq_len
+from emigm_jax.workdir import flatten
 
 SWEEP_DEFAULTS = dict(num_iters=(4, 8, 16, 32, 64), cfg_scales=(), cfg_intervals=(),
                       num_images=0, presets=(), out_dir="sweep")
@@ -78,23 +79,16 @@ class GridPoint:
         """A copy of config with this point's sample settings (preset first, then the grid's)."""
         cfg = copy.deepcopy(config)
         with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
-            for field, value in self.overrides:
-                cfg.sample[field] = value
-            cfg.sample.num_iter = self.num_iter
-            cfg.sample.cfg_scale = self.cfg_scale
-            cfg.sample.cfg_t_min = self.cfg_t_min
-            cfg.sample.cfg_t_max = self.cfg_t_max
+            cfg.sample.update(dict(self.overrides), num_iter=self.num_iter,
+                              cfg_scale=self.cfg_scale, cfg_t_min=self.cfg_t_min,
+                              cfg_t_max=self.cfg_t_max)
         return cfg
 
 
 # ------------------------------------------------------------------------------ settings / grid
 def sweep_settings(config) -> dict:
-    """config.sweep merged over SWEEP_DEFAULTS, checked; unknown fields are an error."""
-    given = as_dict(config.sweep)
-    unknown = sorted(set(given) - set(SWEEP_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config.sweep fields {unknown}; known: {sorted(SWEEP_DEFAULTS)}")
-    s = dict(SWEEP_DEFAULTS, **given)
+    """config.sweep over SWEEP_DEFAULTS, checked."""
+    s = merged_section(config, "sweep", SWEEP_DEFAULTS)
     s["num_iters"] = [int(k) for k in s["num_iters"]]
     bad = [k for k in s["num_iters"] if k < 1]
     if not s["num_iters"] or bad:
@@ -198,16 +192,10 @@ def point_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _changed(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Dotted names of the fields that differ (why a saved point is not reused)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
+    old, new = flatten(old), flatten(new)
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def _agree(flag: bool) -> bool:

@@ -83,8 +83,7 @@ def init_params(config, rng: jax.Array):
     tokens, mask, labels = dummy_inputs(config)
     if config.model.arch == "ar":
         return model.init(rng, tokens, labels, deterministic=True)["params"]
-    variables = model.init(rng, tokens, mask, labels, deterministic=True)
-    return variables["params"]
+    return model.init(rng, tokens, mask, labels, deterministic=True)["params"]
 
 
 def param_shapes(config):

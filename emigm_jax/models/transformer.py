@@ -230,37 +230,35 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc2(gelu(fc1 x)) with dropout after each layer (timm's Mlp)."""
     hidden: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
 
+    def expand(self, x):  # [..., D] -> [..., hidden]
+        return nn.gelu(dense(self.hidden, "fc1", self.dtype)(x), approximate=False)
+
+    def project(self, h, d: int):  # [..., hidden] -> [..., D]
+        return dense(d, "fc2", self.dtype)(h)
+
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        d = x.shape[-1]
-        h = dense(self.hidden, "fc1", self.dtype)(x)
-        h = nn.gelu(h, approximate=False)
-        if self.dropout > 0:
-            h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = dense(d, "fc2", self.dtype)(h)
-        if self.dropout > 0:
-            h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return h
+        def drop(h):
+            if self.dropout > 0:
+                return nn.Dropout(self.dropout)(h, deterministic=deterministic)
+            return h
+        return drop(self.project(drop(self.expand(x)), x.shape[-1]))
 
 
 class SwiGLU(Mlp):
-    """w2(silu(w1 x) * w3 x), no biases; the fields of ``Mlp``."""
+    """w2(silu(w1 x) * w3 x), no biases; the fields and dropout of ``Mlp``."""
 
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        d = x.shape[-1]
-        h = nn.silu(dense(self.hidden, "w1", self.dtype, False)(x)) * dense(
+    def expand(self, x):
+        return nn.silu(dense(self.hidden, "w1", self.dtype, False)(x)) * dense(
             self.hidden, "w3", self.dtype, False)(x)
-        if self.dropout > 0:
-            h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = dense(d, "w2", self.dtype, False)(h)
-        if self.dropout > 0:
-            h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return h
+
+    def project(self, h, d: int):
+        return dense(d, "w2", self.dtype, False)(h)
 
 
 class ViTBlock(nn.Module):

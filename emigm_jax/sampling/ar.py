@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.models import build_model, seq_len
 from emigm_jax.models.ar import init_cache
-from emigm_jax.sampling.draws import filter_logits
+from emigm_jax.sampling.draws import filter_logits, gumbel_from_uniform
 
 AR_STREAM = 0xA7  # fold_in tag of the AR sampler's key stream
 
@@ -57,8 +57,7 @@ def draw_tokens(logits: jax.Array, key: jax.Array, sample_cfg, batch: int) -> ja
                              float(sample_cfg.top_p))
     v = filtered.shape[-1]
     u = jax.random.uniform(key, (batch * v,), jnp.float32).reshape(batch, v)
-    gumbel = -jnp.log(-jnp.log(jnp.maximum(u, jnp.finfo(jnp.float32).tiny)))
-    return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+    return jnp.argmax(filtered + gumbel_from_uniform(u), axis=-1).astype(jnp.int32)
 
 
 def _build(config, num_tokens: int, cached: bool):

@@ -59,10 +59,7 @@ def sample(params, labels: jax.Array, rng: jax.Array, config, *, ar_params, ar_c
     if m == n:
         return prefix, {"nfe": ar_info["nfe"], "ar_nfe": ar_info["nfe"]}
     tokens, info = masked.sample(params, labels, rng, config, prefix=prefix)
-    info = dict(info)
-    info["ar_nfe"] = ar_info["nfe"]
-    info["nfe"] = info["nfe"] + ar_info["nfe"]
-    return tokens, info
+    return tokens, dict(info, ar_nfe=ar_info["nfe"], nfe=info["nfe"] + ar_info["nfe"])
 
 
 def load_ar_config(workdir: str):

@@ -96,16 +96,26 @@ def transformer_pass(spec: SamplerSpec, params, labels, state: SamplerState, xs:
         return z, jnp.zeros_like(z)
 
     def cond_and_uncond(_):
-        z = spec.net(params, jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
-                     jnp.concatenate([labels, -jnp.ones_like(labels)]),
-                     jnp.concatenate([t_now, t_now]))
-        return tuple(jnp.split(z, 2))
+        return tuple(jnp.split(both_passes(spec, params, tokens, mask, labels, t_now), 2))
 
     if spec.guidance:
         z_c, z_u = jax.lax.cond(xs.guided, cond_and_uncond, cond_only, None)
     else:
         z_c, z_u = cond_only(None)
     return z_c.astype(jnp.float32), z_u.astype(jnp.float32)
+
+
+def both_passes(spec: SamplerSpec, params, tokens, mask, labels, t):
+    """z [2B, N, D] of one pass over the batch twice: with its labels, then unconditional."""
+    return spec.net(params, jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
+                    jnp.concatenate([labels, -jnp.ones_like(labels)]), jnp.concatenate([t, t]))
+
+
+def cfg_logits(spec: SamplerSpec, lc, lu, w):
+    """Guided logits at weight w in the sampler's CFG space (logits or probabilities)."""
+    if spec.opts.cfg_space == "probs":
+        return draws.cfg_probs_logits(lc, lu, w)
+    return lu + w * (lc - lu)
 
 
 def reveal_count(spec: SamplerSpec, mask, xs: StepInputs, u):
@@ -138,11 +148,7 @@ def guided_logits(spec: SamplerSpec, params, z_c, z_u, w, xs: StepInputs):
     apply = functools.partial(spec.model.apply, {"params": params}, method="logits")
     logits = apply(z_c)
     if spec.guidance:
-        lc, lu = logits, apply(z_u)
-        if spec.opts.cfg_space == "probs":
-            logits = jnp.where(xs.guided, draws.cfg_probs_logits(lc, lu, w), lc)
-        else:
-            logits = jnp.where(xs.guided, lu + w * (lc - lu), lc)
+        logits = jnp.where(xs.guided, cfg_logits(spec, logits, apply(z_u), w), logits)
     if spec.opts.noise_on:
         # BAG eq. 1 at r = k / T, after CFG and before filtering; its own key
         b, n, v = logits.shape
@@ -270,14 +276,8 @@ def zigzag_score_logits(spec: SamplerSpec, params, labels, after: SamplerState, 
     apply = functools.partial(spec.model.apply, {"params": params}, method="logits")
     if w == 0.0:
         return apply(spec.net(params, after.tokens, after.mask, labels, t_next).astype(jnp.float32))
-    z = spec.net(params, jnp.concatenate([after.tokens, after.tokens]),
-                 jnp.concatenate([after.mask, after.mask]),
-                 jnp.concatenate([labels, -jnp.ones_like(labels)]),
-                 jnp.concatenate([t_next, t_next])).astype(jnp.float32)
-    lc, lu = jnp.split(apply(z), 2)
-    if spec.opts.cfg_space == "probs":
-        return draws.cfg_probs_logits(lc, lu, w)
-    return lu + w * (lc - lu)
+    z = both_passes(spec, params, after.tokens, after.mask, labels, t_next)
+    return cfg_logits(spec, *jnp.split(apply(z.astype(jnp.float32)), 2), w)
 
 
 def sampler_step(spec: SamplerSpec, params, labels, state: SamplerState, xs: StepInputs):

@@ -25,8 +25,9 @@ import numpy as np
 
 from emigm_jax.tokenizers.dcae import DC_AE_F32C32_IN, AutoencoderDC, DCAEConfig
 from emigm_jax.tokenizers.sdvq import SD_VQ_F8, SDVQConfig, SDVQModel
-from emigm_jax.tokenizers.vae import KL16, AutoencoderKL, KLVAEConfig
-from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, VQModel
+from emigm_jax.tokenizers.vae import (KL16, AutoencoderKL, KLVAEConfig, abstract_variables,
+                                      sample_posterior)
+from emigm_jax.tokenizers.vq import VQ8, VQ16, VQConfig, VQModel, token_grid
 
 DEFAULT_SCALES = {"kl16": 0.2325, "dcae_f32c32": 0.3189, "vq": 1.0, "vq8": 1.0, "sdvq_f8": 1.0}
 TOKENIZER_NAMES = tuple(DEFAULT_SCALES)
@@ -75,9 +76,7 @@ class Tokenizer:
         return g, g, self.channels
 
     def variable_shapes(self, image_size: int | None = None):
-        s = image_size or self.stride
-        return jax.eval_shape(lambda: self.module.init(jax.random.PRNGKey(0),
-                                                       jnp.zeros((1, s, s, 3), jnp.float32)))
+        return abstract_variables(self.module, image_size or self.stride)
 
     def random_variables(self, seed: int = 0) -> dict:
         """Random weights for tests and benchmarks (real use loads converted weights).
@@ -122,8 +121,7 @@ class Tokenizer:
         if self.num_moments == 2:
             if rng is None:
                 raise ValueError(f"{self.name} latents are stochastic: pass an rng")
-            mean, logvar = moments[:, 0], moments[:, 1]
-            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+            z = sample_posterior(moments[:, 0], moments[:, 1], rng)
         else:
             z = moments[:, 0]
         b, h, w, c = z.shape
@@ -140,12 +138,8 @@ class Tokenizer:
         if self.num_moments == 0:
             return self.module.apply(variables, tokens, grid, method="decode")
         b, n, c = tokens.shape
-        if grid is None:
-            g = int(round(n ** 0.5))
-            if g * g != n:
-                raise ValueError(f"{n} tokens is not a square grid: pass grid=(h, w)")
-            grid = (g, g)
-        z = (tokens / self.scale).reshape(b, grid[0], grid[1], c)
+        h, w = token_grid(n, grid)
+        z = (tokens / self.scale).reshape(b, h, w, c)
         method = AutoencoderKL.decode if self.num_moments == 2 else AutoencoderDC.decode
         return self.module.apply(variables, z, method=method)
 

@@ -21,10 +21,9 @@ import dataclasses
 import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
-from emigm_jax.tokenizers.vae import Decoder, Encoder, KLVAEConfig, conv2d
+from emigm_jax.tokenizers.vae import Decoder, Encoder, KLVAEConfig, abstract_variables, conv2d
 from emigm_jax.tokenizers.vq import CodebookAutoencoder, VectorQuantizer
 
 
@@ -79,6 +78,4 @@ class SDVQModel(CodebookAutoencoder):
 @functools.lru_cache(maxsize=8)
 def sdvq_variable_shapes(cfg: SDVQConfig = SD_VQ_F8) -> Any:
     """Abstract Flax variables of `SDVQModel(cfg)` (no allocation, no compilation)."""
-    s = cfg.stride
-    return jax.eval_shape(lambda: SDVQModel(cfg).init(jax.random.PRNGKey(0),
-                                                      jnp.zeros((1, s, s, cfg.in_channels))))
+    return abstract_variables(SDVQModel(cfg), cfg.stride, cfg.in_channels)

@@ -45,8 +45,32 @@ class KLVAEConfig:
     def stride(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    @property
+    def z_channels(self) -> int:  # the encoder's output channels
+        return (2 if self.double_z else 1) * self.embed_dim
+
+    def encoder_levels(self) -> tuple[tuple[int, bool], ...]:
+        """(channel multiplier, attention) per level, level 0 at full resolution: LDM places
+        attention by the level's resolution (``resolution`` halved per level)."""
+        return tuple((m, self.resolution // 2 ** i in self.attn_resolutions)
+                     for i, m in enumerate(self.ch_mult))
+
+    def decoder_levels(self) -> tuple[tuple[int, bool], ...]:
+        """As ``encoder_levels``; LDM's decoder doubles up from the lowest resolution."""
+        n = len(self.ch_mult)
+        low = self.resolution // 2 ** (n - 1)
+        return tuple((m, low * 2 ** (n - 1 - i) in self.decoder_attn_resolutions)
+                     for i, m in enumerate(self.ch_mult))
+
 
 KL16 = KLVAEConfig()
+
+
+def abstract_variables(module: nn.Module, size: int, channels: int = 3) -> Any:
+    """``module``'s variables (shapes and dtypes) from an init on one [1, size, size,
+    channels] image, without allocating or compiling (``jax.eval_shape``)."""
+    image = jnp.zeros((1, size, size, channels), jnp.float32)
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), image))
 
 
 def conv2d(features: int, k: int, name: str, dtype, precision, stride: int = 1,
@@ -152,45 +176,40 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    cfg: KLVAEConfig
+    """The LDM conv encoder; ``cfg.encoder_levels()`` lays out its levels (KL, SD-VQ, VQ)."""
+    cfg: Any  # KLVAEConfig | VQConfig
     dtype: Any = jnp.float32
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, 2*z] (z with double_z=False)
+    def __call__(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, z_channels]
         c, dt, pr = self.cfg, self.dtype, self.precision
-        n = len(c.ch_mult)
+        levels = c.encoder_levels()
         h = conv2d(c.ch, 3, "conv_in", dt, pr)(x)
-        res = c.resolution
-        for i, mult in enumerate(c.ch_mult):
-            last = i == n - 1
-            h = ResolutionLevel(c, c.ch * mult, c.num_res_blocks, res in c.attn_resolutions,
+        for i, (mult, attn) in enumerate(levels):
+            last = i == len(levels) - 1
+            h = ResolutionLevel(c, c.ch * mult, c.num_res_blocks, attn,
                                 None if last else "downsample", dt, pr, name=f"down_{i}")(h)
-            if not last:
-                res //= 2
         h = MidBlock(c, dt, pr, name="mid")(h)
         h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return conv2d((2 if c.double_z else 1) * c.embed_dim, 3, "conv_out", dt, pr)(h)
+        return conv2d(c.z_channels, 3, "conv_out", dt, pr)(h)
 
 
 class Decoder(nn.Module):
-    cfg: KLVAEConfig
+    """The LDM conv decoder (one block more per level); levels from ``cfg.decoder_levels()``."""
+    cfg: Any  # KLVAEConfig | VQConfig
     dtype: Any = jnp.float32
     precision: Any = None
 
     @nn.compact
     def __call__(self, z):  # [B, h, w, z] -> [B, h*s, w*s, out_ch]
         c, dt, pr = self.cfg, self.dtype, self.precision
-        n = len(c.ch_mult)
-        h = conv2d(c.ch * c.ch_mult[-1], 3, "conv_in", dt, pr)(z)
+        levels = c.decoder_levels()
+        h = conv2d(c.ch * levels[-1][0], 3, "conv_in", dt, pr)(z)
         h = MidBlock(c, dt, pr, name="mid")(h)
-        res = c.resolution // 2 ** (n - 1)
-        for i in reversed(range(n)):
-            h = ResolutionLevel(c, c.ch * c.ch_mult[i], c.num_res_blocks + 1,
-                                res in c.decoder_attn_resolutions, None if i == 0 else "upsample",
-                                dt, pr, name=f"up_{i}")(h)
-            if i != 0:
-                res *= 2
+        for i in reversed(range(len(levels))):
+            h = ResolutionLevel(c, c.ch * levels[i][0], c.num_res_blocks + 1, levels[i][1],
+                                None if i == 0 else "upsample", dt, pr, name=f"up_{i}")(h)
         h = nn.swish(group_norm(c, "norm_out", dt)(h))
         return conv2d(c.out_ch, 3, "conv_out", dt, pr)(h)
 

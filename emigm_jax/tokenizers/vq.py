@@ -17,9 +17,9 @@ and near-ties resolve the same way (first index wins, like ``torch.argmin``). De
 up the *normalised* codebook row. Token ids come out in raster order (row-major over h, w),
 matching LlamaGen's ``min_encoding_indices.reshape(B, -1)``.
 
-The building blocks (ResnetBlock, AttnBlock, resamplers, levels, mid block) are the KL-16
-VAE's (`emigm_jax.tokenizers.vae`): the two autoencoders share them exactly, only the
-attention placement and the bottleneck differ. Flax names therefore follow the KL VAE tree
+The encoder and decoder are the KL-16 VAE's (`emigm_jax.tokenizers.vae`): the two
+autoencoders share them exactly, only the attention placement (``VQConfig.encoder_levels``)
+and the bottleneck differ. Flax names therefore follow the KL VAE tree
 (``encoder/down_4/attn_1/q``, ``decoder/up_0/block_2``, ``encoder/mid/block_1``); the
 converter (`emigm_jax.convert.vq`) renames LlamaGen's ``conv_blocks.<k>.res.<j>`` /
 ``mid.<0|1|2>`` keys onto it. Layout NHWC, images in [-1, 1]. Dropout (0 in VQ-16) is not
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from emigm_jax.tokenizers.vae import MidBlock, ResolutionLevel, conv2d, group_norm
+from emigm_jax.tokenizers.vae import Decoder, Encoder, abstract_variables, conv2d
 
 L2_EPS = 1e-12  # torch.nn.functional.normalize default
 
@@ -77,6 +77,19 @@ class VQConfig:
     @property
     def vocab_size(self) -> int:
         return self.codebook_size
+
+    @property
+    def out_ch(self) -> int:  # the name the shared decoder reads
+        return self.out_channels
+
+    def encoder_levels(self) -> tuple[tuple[int, bool], ...]:
+        """(channel multiplier, attention) per level: attention at the lowest resolution."""
+        return tuple((m, i == len(self.encoder_ch_mult) - 1)
+                     for i, m in enumerate(self.encoder_ch_mult))
+
+    def decoder_levels(self) -> tuple[tuple[int, bool], ...]:
+        return tuple((m, i == len(self.decoder_ch_mult) - 1)
+                     for i, m in enumerate(self.decoder_ch_mult))
 
 
 VQ16 = VQConfig()  # LlamaGen VQ-16 (vq_ds16_c2i.pt): 16,384 codes, 8-dim, f16
@@ -133,46 +146,6 @@ def nearest_code_ids(z: jax.Array, codebook: jax.Array, *, l2_norm: bool = True,
 def lookup_codes(ids: jax.Array, codebook: jax.Array, *, l2_norm: bool = True) -> jax.Array:
     """Token ids [...] -> (normalised) code vectors [..., D] float32 (LlamaGen get_codebook_entry)."""
     return jnp.take(prepare_codebook(codebook, l2_norm), ids, axis=0)
-
-
-class VQEncoder(nn.Module):
-    """Images -> z_channels latents; attention after every block of the last level and in mid."""
-    cfg: VQConfig
-    dtype: Any = jnp.float32
-    precision: Any = None
-
-    @nn.compact
-    def __call__(self, x):  # [B, H, W, 3] -> [B, H/s, W/s, z_channels]
-        c, dt, pr = self.cfg, self.dtype, self.precision
-        n = len(c.encoder_ch_mult)
-        h = conv2d(c.ch, 3, "conv_in", dt, pr)(x)
-        for i, mult in enumerate(c.encoder_ch_mult):
-            last = i == n - 1
-            h = ResolutionLevel(c, c.ch * mult, c.num_res_blocks, last,
-                                None if last else "downsample", dt, pr, name=f"down_{i}")(h)
-        h = MidBlock(c, dt, pr, name="mid")(h)
-        h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return conv2d(c.z_channels, 3, "conv_out", dt, pr)(h)
-
-
-class VQDecoder(nn.Module):
-    """z_channels latents -> images; levels run from the lowest resolution (which has attention)."""
-    cfg: VQConfig
-    dtype: Any = jnp.float32
-    precision: Any = None
-
-    @nn.compact
-    def __call__(self, z):  # [B, h, w, z_channels] -> [B, h*s, w*s, out_channels]
-        c, dt, pr = self.cfg, self.dtype, self.precision
-        n = len(c.decoder_ch_mult)
-        h = conv2d(c.ch * c.decoder_ch_mult[-1], 3, "conv_in", dt, pr)(z)
-        h = MidBlock(c, dt, pr, name="mid")(h)
-        for i in reversed(range(n)):
-            h = ResolutionLevel(c, c.ch * c.decoder_ch_mult[i], c.num_res_blocks + 1,
-                                i == n - 1, None if i == 0 else "upsample", dt, pr,
-                                name=f"up_{i}")(h)
-        h = nn.swish(group_norm(c, "norm_out", dt)(h))
-        return conv2d(c.out_channels, 3, "conv_out", dt, pr)(h)
 
 
 def _codebook_init(l2_norm: bool):
@@ -267,8 +240,8 @@ class VQModel(CodebookAutoencoder):
 
     def setup(self):
         c = self.cfg
-        self.encoder = VQEncoder(c, self.dtype, self.precision)
-        self.decoder = VQDecoder(c, self.dtype, self.precision)
+        self.encoder = Encoder(c, self.dtype, self.precision)
+        self.decoder = Decoder(c, self.dtype, self.precision)
         self.quant_conv = conv2d(c.codebook_embed_dim, 1, None, self.dtype, self.precision)
         self.post_quant_conv = conv2d(c.z_channels, 1, None, self.dtype, self.precision)
         self.quantize = VectorQuantizer(c, self.chunk)
@@ -277,7 +250,5 @@ class VQModel(CodebookAutoencoder):
 @functools.lru_cache(maxsize=8)
 def vq_variable_shapes(cfg: VQConfig = VQ16) -> Any:
     """Abstract Flax variables of `VQModel(cfg)` (no allocation, no compilation; cached per cfg)."""
-    s = cfg.stride
-    return jax.eval_shape(lambda: VQModel(cfg).init(jax.random.PRNGKey(0),
-                                                    jnp.zeros((1, s, s, cfg.in_channels))))
+    return abstract_variables(VQModel(cfg), cfg.stride, cfg.in_channels)
 
