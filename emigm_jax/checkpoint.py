@@ -114,8 +114,10 @@ def _layout_target(abstract: Any, saved_scanned: bool, rules: Sequence[Rule]) ->
         return abstract
     shapes = jax.eval_shape(functools.partial(to_layout, scan_layers=saved_scanned), abstract)
     sharding = jax.tree.leaves(abstract)[0].sharding
-    shardings = (shd.named_shardings(shapes, sharding.mesh, rules)
-                 if isinstance(sharding, NamedSharding) else jax.tree.map(lambda _: sharding, shapes))
+    if isinstance(sharding, NamedSharding):
+        shardings = shd.named_shardings(shapes, sharding.mesh, rules)
+    else:  # one device (or no sharding asked for): the same for every array
+        shardings = jax.tree.map(lambda _: sharding, shapes)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, shardings)
 

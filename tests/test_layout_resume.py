@@ -2,6 +2,7 @@
 trained unrolled resumes scanned and back, reaching an uninterrupted unrolled run's numbers,
 and sampling from a checkpoint of the other layout gives the same-layout restore's tokens."""
 import json
+import logging
 import shutil
 
 import jax
@@ -113,16 +114,22 @@ def _assert_same(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_restore_across_layouts_is_a_relabelling(unrolled, unrolled_then_scanned):
+def test_restore_across_layouts_is_a_relabelling(unrolled, unrolled_then_scanned, caplog):
     """Both checkpoint layouts into both configs: the other layout's restore holds exactly the
-    same-layout restore's numbers, converted."""
+    same-layout restore's numbers, converted, and says so in one log line."""
     mesh = shd.make_mesh(_config(False).mesh)
+    caplog.set_level(logging.INFO)
     for workdir, saved_scan in ((unrolled[0], False), (unrolled_then_scanned[0], True)):
         step, same = main_lib.restore_ema_params(_config(saved_scan), str(workdir), mesh)
+        caplog.clear()
         other_step, other = main_lib.restore_ema_params(_config(not saved_scan), str(workdir), mesh)
         assert step == other_step == 6
         assert is_scanned(same) is saved_scan and is_scanned(other) is not saved_scan
         _assert_same(other, to_layout(jax.device_get(same), not saved_scan))
+        layouts = ("scanned", "unrolled") if saved_scan else ("unrolled", "scanned")
+        said = [r.getMessage() for r in caplog.records if "layer layout" in r.getMessage()]
+        assert len(said) == 1 and "saved with the %s layer layout; converted it to the %s " \
+            "layout" % layouts in said[0], said
 
 
 def test_sampling_an_unrolled_checkpoint_scanned_gives_the_same_layout_tokens(unrolled, tmp_path):
