@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         warmup_epochs=100,
         warmup_steps=-1,            # >= 0 overrides warmup_epochs
+        decay="constant",           # after warmup: constant | cosine (to 0 at the last step)
         ema_decay=0.9999,
     ))
 

@@ -36,6 +36,7 @@ CHOICES = {
     "sample.noise_reg": ("none", "abs_cos", "half_abs_cos"),
     "sample.z_sampling": ("none", "masked", "random", "recover"),
     "plan.what": ("train", "sample", "both"),
+    "optim.decay": ("constant", "cosine"),
     "model.scan_layers": (False, True),
     "model.remat": (False, True),
     "sample.mgt_solver": ("vanilla", "momentum2"),

@@ -88,15 +88,21 @@ def peak_lr(config) -> float:
 
 
 def lr_schedule(config, num_examples: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak lr over the warmup steps, then constant.
+    """Linear warmup from 0 to the peak lr over the warmup steps, then ``optim.decay``.
 
     At step s < W the lr is peak * s / W (the reference's per-iteration epoch fraction).
+    ``constant`` keeps the peak (MAR and eMIGM train so, with an EMA); ``cosine`` decays it to
+    0 at the last step, which gets more out of a short, fixed budget (the digits default).
     """
     peak, warm = peak_lr(config), warmup_steps(config, num_examples)
+    if config.optim.decay == "cosine":
+        rest = max(total_steps(config, num_examples) - warm, 1)
+        after = optax.cosine_decay_schedule(peak, rest)
+    else:
+        after = optax.constant_schedule(peak)
     if warm <= 0:
-        return optax.constant_schedule(peak)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warm), optax.constant_schedule(peak)], [warm])
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
 
 
 def make_optimizer(config, schedule: optax.Schedule,

@@ -35,3 +35,25 @@ def tiny_config(head: str = "diffusion", arch: str = "mae", ladders: bool = Fals
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+# Scheduling for `pytest -n 2 --dist loadgroup` (README's test command). Modules whose
+# module-scoped fixture compiles or trains something run on one worker, so the fixture is built
+# once instead of once per worker; the slowest modules are handed out first, so the run does
+# not end with one worker busy on a long test while the other idles (longest first).
+SLOWEST_FIRST = ("test_plan.py", "test_sharding.py", "test_golden.py", "test_checkpoint.py",
+                 "test_buckets.py", "test_main.py", "test_scan_layers.py", "test_recovery.py",
+                 "test_sweep_digits.py", "test_convert_emigm.py", "test_fid.py")
+ONE_WORKER_MODULES = ("test_ar_prefix.py", "test_cache_latents.py", "test_checkpoint.py",
+                      "test_convert_emigm.py", "test_generate.py", "test_inception.py",
+                      "test_plan.py", "test_recovery.py", "test_sampling.py",
+                      "test_sweep_digits.py", "test_tokenizers_sdvq.py",
+                      "test_tokenizers_vq.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a module
+    for item in items:
+        if item.path.name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))

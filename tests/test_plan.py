@@ -15,9 +15,11 @@ from tests.conftest import ROOT
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p:2x2x1" if HAS_LIBTPU else "cpu:4"
-# Per-chip memory limit: above the 4 examples per chip the chosen plan needs (~0.0055 GiB on
-# cpu:4 with the encoder and loss ladders), below what the batch search reaches at 64.
+# Per-chip memory limit: 9 examples per chip fit on cpu:4 with the encoder and loss ladders and
+# 10 do not. The plan's batch (36 = 9 per chip) starts the search at the answer, so it compiles
+# 9 (the sweep's run, reused), 18 and 10.
 LIMIT_GIB = 0.008
+GLOBAL_BATCH = 36
 
 CONFIG = '''
 from tests.conftest import tiny_config
@@ -26,7 +28,7 @@ def get_config():
     c.model.encoder_buckets, c.model.loss_buckets = (0.5,), (0.75,)  # 2 rungs each
     c.model.enc_depth = c.model.dec_depth = 2
     c.model.scan_layers = True
-    c.train.batch_size = 16
+    c.train.batch_size = {batch}
     c.plan.target = "{target}"
     c.plan.meshes = ((1, 4),)
     c.plan.remat = (False,)
@@ -40,7 +42,7 @@ def get_config():
 def plan(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan")
     cfg = tmp / "tiny_plan.py"
-    cfg.write_text(CONFIG.format(target=TARGET, limit=LIMIT_GIB))
+    cfg.write_text(CONFIG.format(target=TARGET, limit=LIMIT_GIB, batch=GLOBAL_BATCH))
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--mode=plan",
                            f"--config={cfg}", f"--workdir={tmp / 'run'}"],
@@ -66,10 +68,11 @@ def test_only_weight_collectives_each_named(plan):
     rows, md = plan[0]["chosen"]["collectives"], plan[1]
     assert rows, "fsdp=4 must gather weights"
     assert not [r for r in rows if r["class"] == "activation"]
-    # No collective moves batch rows: global batch B=16, tokens N=16, buffer 4, mul 2. The
+    # No collective moves batch rows: global batch B, tokens N=16, buffer 4, mul 2. The
     # one exception is the class-embedding gradient's scatter (labels and [B, D/fsdp]
     # rows, tiny), which the plan names by its op.
-    batch_dims = {16, 16 * 20, 16 * 16, 16 * 16 * 2}
+    b = GLOBAL_BATCH
+    batch_dims = {b, b * 20, b * 16, b * 16 * 2}
     moved = [r for r in rows if r["class"] != "weight" and _dims(r["shapes"]) & batch_dims
              and "class_emb" not in r["op"]]
     assert not moved, moved[:3]

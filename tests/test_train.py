@@ -10,6 +10,7 @@ import pytest
 
 from emigm_jax import sharding as shd
 from emigm_jax import train
+from emigm_jax.config_validation import ConfigError, validate_config
 from tests.multiprocess_worker import tiny_digits_config
 
 # ----------------------------------------------------------------------------- stand-in model
@@ -67,6 +68,21 @@ def test_lr_is_scaled_by_batch_and_warms_up_linearly():
     assert train.total_steps(c, 1000) == 6
     c.train.num_steps = 7
     assert train.total_steps(c, 1000) == 7
+
+
+def test_cosine_decay_after_warmup_matches_closed_form():
+    c = tiny_digits_config({"optim.base_lr": 1e-4, "train.batch_size": 512,
+                            "optim.warmup_steps": 10, "train.num_steps": 110,
+                            "optim.decay": "cosine"})
+    s, peak = train.lr_schedule(c, 10_000), 2e-4
+    steps = np.array([0, 5, 10, 35, 60, 85, 110])
+    k = np.clip(steps - 10, 0, 100)
+    want = np.where(steps < 10, peak * steps / 10, peak * 0.5 * (1 + np.cos(np.pi * k / 100)))
+    np.testing.assert_allclose([float(s(int(i))) for i in steps], want, rtol=1e-5, atol=1e-12)
+    assert float(s(110)) == pytest.approx(0.0, abs=1e-12)
+    c.optim.decay = "linear"
+    with pytest.raises(ConfigError, match="optim.decay"):
+        validate_config(c)
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -93,7 +93,8 @@ def make_plan(config, what: str = "train") -> dict:
             "extras": _extras(config, what, chosen)}
     if bool(p.search_batch):
         best = variant(config, runs[0].mesh, runs[0].remat, runs[0].batch, what)
-        largest, nxt, tried = largest_batch(best, target, what, int(p.max_per_chip))
+        largest, nxt, tried = largest_batch(best, target, what, int(p.max_per_chip),
+                                             known=(runs[0],))
         last = next((t for t in tried if t.per_chip_batch == nxt), None)
         plan["batch_search"] = {
             "mesh": f"{runs[0].mesh[0]}x{runs[0].mesh[1]}", "remat": runs[0].remat,

@@ -142,18 +142,19 @@ def compile_point(config, target: Target, what: str = "train", hlo_path: str = "
     return out
 
 
-def largest_batch(config, target: Target, what: str = "train",
-                  max_per_chip: int = 4096) -> tuple[int, int, list[Compiled]]:
+def largest_batch(config, target: Target, what: str = "train", max_per_chip: int = 4096,
+                  known: tuple[Compiled, ...] = ()) -> tuple[int, int, list[Compiled]]:
     """(largest per-chip batch that fits, the next size up (which does not), the runs).
 
     Memory grows about linearly with the batch, so two compiles give a line whose crossing
     of the limit is the first guess; compiles at the guess and one above then move the
     bracket until b fits and b + 1 does not (a few compiles instead of a bisection). The
-    second value is 0 when even ``max_per_chip`` fits.
+    second value is 0 when even ``max_per_chip`` fits. ``known``: runs of this config already
+    compiled (the sweep's), reused instead of compiled again (an eMIGM-H compile takes minutes).
     """
     n = target.num_devices
     mesh = shd.mesh_shape(config.mesh, n)
-    runs: dict[int, Compiled] = {}
+    runs = {k.per_chip_batch: k for k in known}
 
     def run(per_chip: int) -> Compiled:
         if per_chip not in runs:
