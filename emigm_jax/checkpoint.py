@@ -23,21 +23,26 @@ SIGTERM and agrees on a common step for all processes; Orbax exposes that as
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import signal
 import tempfile
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import grain
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from emigm_jax import sharding as shd
 from emigm_jax.config_validation import ConfigError
+from emigm_jax.models.layout import is_scanned, to_layout
+from emigm_jax.sharding import Rule
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -91,6 +96,44 @@ def check_param_shapes(stored: Any, wanted: Any, where: str) -> None:
                 f"{where} holds a different model than the config: parameter {name} is "
                 f"{have.get(name, 'absent')} there and {want.get(name, 'absent')} in the config "
                 f"(model.* fields must match the run that wrote it)")
+
+
+def _field(tree: Any, key: str) -> Any:
+    """``tree[key]`` of a mapping (a checkpoint's metadata), else the attribute (a TrainState)."""
+    return tree[key] if isinstance(tree, Mapping) else getattr(tree, key)
+
+
+def _layout_name(scanned: bool) -> str:
+    return "scanned" if scanned else "unrolled"
+
+
+def _layout_target(abstract: Any, saved_scanned: bool, rules: Sequence[Rule]) -> Any:
+    """``abstract`` (ShapeDtypeStructs with shardings) when the checkpoint has its layer
+    layout, else ``abstract`` in the saved layout, sharded by ``rules`` on the same mesh."""
+    if is_scanned(abstract) == saved_scanned:
+        return abstract
+    shapes = jax.eval_shape(functools.partial(to_layout, scan_layers=saved_scanned), abstract)
+    sharding = jax.tree.leaves(abstract)[0].sharding
+    if isinstance(sharding, NamedSharding):
+        shardings = shd.named_shardings(shapes, sharding.mesh, rules)
+    else:  # one device (or no sharding asked for): the same for every array
+        shardings = jax.tree.map(lambda _: sharding, shapes)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def _into_layout_of(tree: Any, abstract: Any, where: str) -> Any:
+    """``tree`` (restored in the other layer layout) converted to ``abstract``'s layout and
+    placed with its shardings."""
+    scanned = is_scanned(abstract)
+    leaves = jax.tree.leaves(abstract)
+    placed = all(isinstance(getattr(a, "sharding", None), jax.sharding.Sharding) for a in leaves)
+    out = {"out_shardings": jax.tree.map(lambda a: a.sharding, abstract)} if placed else {}
+    converted = jax.jit(functools.partial(to_layout, scan_layers=scanned), **out)(tree)
+    logging.info("%s was saved with the %s layer layout; converted it to the %s layout "
+                 "(model.scan_layers=%s)", where, _layout_name(not scanned),
+                 _layout_name(scanned), scanned)
+    return converted
 
 
 def _grain_args():
@@ -245,11 +288,14 @@ class Checkpointer:
             source.rename(target)
         self.manager.reload()
 
-    def newest_intact(self, restore_one: Callable[[int], Any], params_of: Callable[[Any], Any],
-                      required: tuple[str, ...] = ()) -> tuple[int, Any] | None:
-        """(step, restore_one(step)) for the newest step that restores, or None.
+    def newest_intact(self, restore_one: Callable[[int, Any], Any], abstract: Any, key: str,
+                      rules: Sequence[Rule] = (), required: tuple[str, ...] = ()
+                      ) -> tuple[int, Any] | None:
+        """(step, tree) for the newest step that restores into ``abstract``'s structure, or None.
 
-        ``params_of(abstract tree)`` gives the parameter subtree whose shapes are checked
+        ``restore_one(step, target)`` reads the step into ``target`` (``abstract`` itself, or
+        ``abstract`` in the step's other layer layout, sharded by ``rules``; that result is
+        converted back, see ``_layout_target``). The parameter subtree ``key`` is checked
         against the step's metadata first, and the saved state must hold the ``required``
         top-level entries (a mismatch raises, it is not damage).
         """
@@ -263,26 +309,32 @@ class Checkpointer:
                         f"{where} holds {sorted(stored)} but not {missing}: it can sample and "
                         f"evaluate (e.g. a converted checkpoint) but not resume training; "
                         f"train in a new --workdir")
-                check_param_shapes(params_of(stored), params_of(None), where)
-                return step, restore_one(step)
+                target = _layout_target(abstract, is_scanned(_field(stored, key)), rules)
+                check_param_shapes(_field(stored, key), _field(target, key), where)
+                restored = restore_one(step, target)
             except (CheckpointMismatchError, KeyboardInterrupt, MemoryError):
                 raise
             except Exception as e:  # pylint: disable=broad-except
                 if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: the files are not at fault
                     raise
                 self._move_aside(step, e)
+                continue
+            return step, (restored if target is abstract
+                          else _into_layout_of(restored, abstract, where))
         return None
 
-    def restore(self, abstract_state: Any, data_iterator: Any | None = None
-                ) -> tuple[int, Any] | None:
+    def restore(self, abstract_state: Any, data_iterator: Any | None = None,
+                rules: Sequence[Rule] = ()) -> tuple[int, Any] | None:
         """Restores the newest intact step into ``abstract_state``'s structure and shardings.
 
         ``abstract_state``: pytree of jax.ShapeDtypeStruct with ``.sharding`` set, so each
-        process reads only its shards. ``data_iterator`` is restored in place.
+        process reads only its shards. ``data_iterator`` is restored in place. A step saved in
+        the other layer layout (``model.scan_layers``) is read sharded by ``rules`` and
+        converted (parameters, EMA and optimizer state).
         Returns (step, state), or None when no step restores (damaged ones moved aside).
         """
-        def restore_one(step):
-            items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+        def restore_one(step, target):
+            items = {STATE_ITEM: ocp.args.StandardRestore(target)}
             if data_iterator is not None:
                 _, grain_restore = _grain_args()
                 items[DATA_ITEM] = grain_restore(data_iterator)
@@ -290,29 +342,26 @@ class Checkpointer:
 
         fields = {_path_str(path[:1])
                   for path, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-        return self.newest_intact(
-            restore_one, lambda t: abstract_state.params if t is None else t["params"],
-            required=tuple(sorted(fields)))
+        return self.newest_intact(restore_one, abstract_state, "params", rules,
+                                  required=tuple(sorted(fields)))
 
-    def restore_params(self, abstract_params: Any, key: str = "ema_params"
-                       ) -> tuple[int, Any] | None:
-        """Only one parameter tree (default: the EMA weights) of the newest intact step."""
-        target = {key: abstract_params}
-        restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None)), target)
-
-        def restore_one(step):
+    def restore_params(self, abstract_params: Any, key: str = "ema_params",
+                       rules: Sequence[Rule] = ()) -> tuple[int, Any] | None:
+        """Only one parameter tree (default: the EMA weights) of the newest intact step, in
+        ``abstract_params``' layer layout whichever layout the step was saved in."""
+        def restore_one(step, target):
+            restore_args = jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=getattr(x, "sharding", None)), target)
             # Partial restore reads only this subtree's arrays (PyTree handler, not the
             # manager: the manager registers ``state`` with the full-tree Standard handler).
             with ocp.PyTreeCheckpointer() as reader:
-                restored = reader.restore(
+                return reader.restore(
                     self.directory / str(step) / STATE_ITEM,
                     args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                 partial_restore=True))
-            return restored[key]
 
-        return self.newest_intact(restore_one,
-                                  lambda t: abstract_params if t is None else t[key])
+        found = self.newest_intact(restore_one, {key: abstract_params}, key, rules)
+        return None if found is None else (found[0], found[1][key])
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""

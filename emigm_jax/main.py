@@ -192,20 +192,19 @@ def run_evaluation(config, params, workdir: str, mesh, mode: str) -> dict:
 
 
 def restore_ema_params(config, workdir: str, mesh):
-    """EMA parameters of the newest checkpoint, in their training sharding."""
-
-
+    """EMA parameters of the newest checkpoint, in their training sharding and in the layer
+    layout of ``config.model.scan_layers`` (a checkpoint of the other layout is converted)."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory) or not any(d.isdigit() for d in os.listdir(directory)):
         raise FileNotFoundError(f"--mode needs a checkpoint, but {directory} has none; "
                                 f"train first (--mode=train)")
-    shapes = param_shapes(config)
-    shardings = shd.named_shardings(shapes, mesh, shd.rules_from_config(config))
+    shapes, rules = param_shapes(config), shd.rules_from_config(config)
+    shardings = shd.named_shardings(shapes, mesh, rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
     ckpt = Checkpointer.from_config(config, workdir, read_only=True)
     try:
-        restored = ckpt.restore_params(abstract)
+        restored = ckpt.restore_params(abstract, rules=rules)
     finally:
         ckpt.close()
     if restored is None:

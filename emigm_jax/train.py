@@ -330,7 +330,7 @@ def _setup(config, workdir: str, loss_fn, init_params_fn, weight_decay_mask,
         optimizer = make_optimizer(config, schedule, weight_decay_mask)
         _, abstract, shardings = create_sharded_state(config, mesh, optimizer, init_params_fn,
                                                       rules, initialize=False)
-        restored = ckpt.restore(abstract, data_iter)
+        restored = ckpt.restore(abstract, data_iter, rules)
         if restored is None:
             ckpt.check_fresh_start(allow_fresh_start)
             state = create_sharded_state(config, mesh, optimizer, init_params_fn, rules)[0]

@@ -30,8 +30,10 @@ TRAIN_TIME = "train_time.json"
 # Fields a resume may never change: parameter shapes, token meaning and the training objective.
 FIXED_PREFIXES = ("model.", "mask.", "tokenizer.name", "tokenizer.scale")
 # Runtime-only model settings (compute precision, rematerialisation, the work ladders, which
-# give the same loss and gradients as the full-capacity step): free to change.
-FREE_FIELDS = ("model.dtype", "model.remat", "model.encoder_buckets", "model.loss_buckets")
+# give the same loss and gradients as the full-capacity step, and the layer layout, which a
+# restore converts, see ``emigm_jax.checkpoint``): free to change.
+FREE_FIELDS = ("model.dtype", "model.remat", "model.encoder_buckets", "model.loss_buckets",
+               "model.scan_layers")
 # The optimizer's recipe (lr = base_lr * batch / 256, warmup, AdamW, EMA): changes are refused
 # unless the user accepts them explicitly.
 RECIPE_PREFIXES = ("train.batch_size", "optim.")

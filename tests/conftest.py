@@ -42,12 +42,12 @@ def tiny():
 # once instead of once per worker; the slowest modules are handed out first, so the run does
 # not end with one worker busy on a long test while the other idles (longest first).
 SLOWEST_FIRST = ("test_plan.py", "test_sharding.py", "test_golden.py", "test_checkpoint.py",
-                 "test_buckets.py", "test_main.py", "test_scan_layers.py", "test_recovery.py",
-                 "test_sweep_digits.py", "test_convert_emigm.py", "test_fid.py")
+                 "test_buckets.py", "test_main.py", "test_scan_layers.py", "test_layout_resume.py",
+                 "test_recovery.py", "test_sweep_digits.py", "test_convert_emigm.py", "test_fid.py")
 ONE_WORKER_MODULES = ("test_ar_prefix.py", "test_cache_latents.py", "test_checkpoint.py",
                       "test_convert_emigm.py", "test_generate.py", "test_inception.py",
-                      "test_plan.py", "test_recovery.py", "test_sampling.py",
-                      "test_sweep_digits.py", "test_tokenizers_sdvq.py",
+                      "test_layout_resume.py", "test_plan.py", "test_recovery.py",
+                      "test_sampling.py", "test_sweep_digits.py", "test_tokenizers_sdvq.py",
                       "test_tokenizers_vq.py")
 
 

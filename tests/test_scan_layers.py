@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from emigm_jax import losses, sharding
-from emigm_jax.models import init_params
+from emigm_jax.models import init_params, weight_decay_mask
 from emigm_jax.models.layout import is_scanned, stack_layers, to_layout, unstack_layers
 from emigm_jax.models.transformer import fused_attention
 from tests.conftest import tiny_config
@@ -65,6 +65,17 @@ def test_layout_round_trip_of_params_and_adam_state():
     assert jax.tree.structure(back["params"]) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves({"params": params, "opt": opt})):
         np.testing.assert_array_equal(a, b)
+
+
+def test_weight_decay_mask_is_the_same_in_both_layouts():
+    params = init_params(_config(False), jax.random.key(1))
+    unrolled = stack_layers(jax.tree.map(np.asarray, weight_decay_mask(params)))  # [2] bools
+    scanned = weight_decay_mask(stack_layers(params))
+    assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
+    for want, got in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned)):
+        assert np.all(want == got)
+    blocks = scanned["backbone"]["encoder_blocks"]["block"]
+    assert blocks["attn"]["qkv"]["kernel"] and not blocks["norm1"]["scale"]  # [2, D]: no decay
 
 
 def _program_size(scan: bool, depth: int) -> int:

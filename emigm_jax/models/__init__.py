@@ -8,6 +8,7 @@ import numpy as np
 from emigm_jax.buckets import count_ladder
 from emigm_jax.models.ar import ARGenerator
 from emigm_jax.models.generator import MaskedGenerator
+from emigm_jax.models.layout import layer_ndim
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -121,9 +122,11 @@ def weight_decay_mask(params):
 
     Mirrors the reference's rule (no decay on 1-D params, biases, norms, or anything under
     ``diffloss``); embeddings, position embeddings and the mask token are >= 2-D and decay.
+    The rank is per layer, so a scanned stack's norm scales ([depth, D]) do not decay either.
     """
     def rule(path, leaf):
         names = [getattr(k, "key", str(k)) for k in path]
-        return bool(leaf.ndim >= 2 and "diffloss" not in names and names[-1] != "bias")
+        return bool(layer_ndim(names, leaf) >= 2 and "diffloss" not in names
+                    and names[-1] != "bias")
 
     return jax.tree_util.tree_map_with_path(rule, params)

@@ -8,7 +8,7 @@ layout is converted to the other here before it is restored or compared.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +19,19 @@ _INDEXED = re.compile(rf"{BLOCK}_(\d+)")
 
 
 def _map_dicts(tree: Any, fn) -> Any:
-    """Applies ``fn`` bottom-up to every mapping in a tree of mappings, tuples and leaves."""
+    """Applies ``fn`` bottom-up to every mapping in a pytree (mappings, tuples, registered
+    nodes such as a train-state dataclass; leaves are left as they are)."""
     if isinstance(tree, Mapping):
         return fn({k: _map_dicts(v, fn) for k, v in tree.items()})
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # optax states are namedtuples
         return type(tree)(*(_map_dicts(v, fn) for v in tree))
     if isinstance(tree, (tuple, list)):
         return type(tree)(_map_dicts(v, fn) for v in tree)
-    return tree
+    # Any other registered pytree node: rebuild it from its converted direct children.
+    children, node = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
+    if jax.tree_util.treedef_is_leaf(node):
+        return tree
+    return node.unflatten([_map_dicts(c, fn) for c in children])
 
 
 def _stack_one(d: dict) -> dict:
@@ -60,6 +65,11 @@ def is_scanned(tree: Any) -> bool:
     found = []
     _map_dicts(tree, lambda d: found.append(set(d) == {BLOCK}) or d)
     return any(found)
+
+
+def layer_ndim(path_names: Sequence[str], leaf: Any) -> int:
+    """A parameter's rank within one layer: leaves of a scanned stack carry the layer axis."""
+    return leaf.ndim - (1 if BLOCK in path_names else 0)
 
 
 def to_layout(tree: Any, scan_layers: bool) -> Any:
