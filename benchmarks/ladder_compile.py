@@ -22,7 +22,7 @@ from tests.conftest import tiny_config
 
 
 def main(variant: str) -> None:
-    c = tiny_config()
+    c = tiny_config(ladders=True)
     if variant in ("none", "loss", "enc2"):
         c.model.encoder_buckets = (0.25, 0.5) if variant == "enc2" else ()
     if variant in ("none", "enc", "enc2"):

@@ -12,7 +12,8 @@ eMIGM-XS-256, global batch 8, fp32, CPU.
 
 FLOP count (model FLOPs at full capacity, matmuls only, 2 per multiply-add; forward per
 image, x3 for forward + backward; the work-proportional encoder and head loss execute less,
-``--no_buckets`` runs the full-capacity program these formulas describe):
+by default the step runs the full-capacity program these formulas describe; ``--ladders``
+turns ``train.ladders`` on):
   transformer block on T tokens of width D (MLP ratio r): 2*T*D^2*(4 + 2r) + 4*T^2*D
   encoder: enc_depth blocks on T_e = encoder_capacity (0 -> buffer + N) tokens
   decoder: dec_depth blocks on T_d = buffer + N tokens; z_proj 2*N*C*D; decoder_embed 2*T_e*D^2
@@ -82,9 +83,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--remat", action="store_true")
-    ap.add_argument("--no_buckets", action="store_true",
-                    help="full-capacity encoder and head loss (model.encoder_buckets / "
-                         "loss_buckets off): the ladder's compile-time and step-time cost")
+    ap.add_argument("--ladders", action="store_true",
+                    help="train.ladders on: the work-proportional encoder and head loss "
+                         "(model.encoder_buckets / loss_buckets); default full capacity")
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="device peak in TFLOP/s for MFU (default: measured matmul peak)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -94,8 +95,7 @@ def main() -> None:
     config.train.batch_size = args.batch
     config.model.dtype = args.dtype
     config.model.remat = args.remat
-    if args.no_buckets:
-        config.model.encoder_buckets, config.model.loss_buckets = (), ()
+    config.train.ladders = args.ladders
     config.mesh.data, config.mesh.fsdp = -1, 1
     config.optim.warmup_steps = 0  # a non-zero lr, so the update is real work
 

@@ -93,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
         epochs=800,
         num_steps=-1,               # -1: epochs * steps_per_epoch
         grad_accum=1,
+        # Run the train step with model.encoder_buckets / loss_buckets (sampling always does).
+        # Off: under grad every rung keeps its residuals (eMIGM-H on v5p-256: 132 vs 54 GiB per
+        # chip) and the XS step on CPU is no faster (docs/ARCHITECTURE.md, work-proportional).
+        ladders=False,
         label_smoothing=0.0,
         max_nonfinite_steps=10,     # non-finite steps in a row that stop a run (0: the first)
         log_every=100,

@@ -39,6 +39,7 @@ CHOICES = {
     "optim.decay": ("constant", "cosine"),
     "model.scan_layers": (False, True),
     "model.remat": (False, True),
+    "train.ladders": (False, True),
     "sample.mgt_solver": ("vanilla", "momentum2"),
 }
 

@@ -151,12 +151,13 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
     tokenizer weights that encode them).
     """
     loss_fn = losses.loss_fn if loss_fn is None else loss_fn
+    step_config = config if config.train.ladders else models.without_ladders(config)
     accum = int(config.train.grad_accum)
     ema_decay = float(config.optim.ema_decay)
 
     def loss_and_grad(params, batch, rng):
         value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)  # w.r.t. params
-        (loss, metrics), grads = value_and_grad(params, batch, rng, config, train=True)
+        (loss, metrics), grads = value_and_grad(params, batch, rng, step_config, train=True)
         return loss, metrics, grads
 
     def step_fn(state: TrainState, batch, aux=None) -> tuple[TrainState, dict]:

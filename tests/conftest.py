@@ -26,6 +26,7 @@ def tiny_config(head: str = "diffusion", arch: str = "mae", ladders: bool = Fals
     m.attn_dropout = m.proj_dropout = 0.0
     if head == "categorical":
         m.vocab_size = 7
+    c.train.ladders = ladders
     if not ladders:
         m.encoder_buckets = m.loss_buckets = ()
     c.train.batch_size = 4

@@ -172,6 +172,24 @@ def test_step_updates_ema_counts_and_reports_metrics():
     assert float(m_a["loss"]) != float(m_b["loss"])
 
 
+def test_train_step_runs_the_ladders_only_when_asked():
+    """train.ladders off (the default) hands the loss a full-capacity config; sampling keeps
+    model.encoder_buckets either way."""
+    seen = []
+
+    def spy(params, batch, rng, config, train=True):
+        seen.append((tuple(config.model.encoder_buckets), tuple(config.model.loss_buckets)))
+        return toy_loss(params, batch, rng, config, train)
+
+    for on in (False, True):
+        c = tiny_digits_config({"model.encoder_buckets": (0.5,), "model.loss_buckets": (0.75,),
+                                "train.ladders": on})
+        _, step, state = _step_setup(c, spy)
+        step(state, toy_batch())
+        assert tuple(c.model.encoder_buckets) == (0.5,)  # the caller's config is untouched
+    assert seen == [((), ()), ((0.5,), (0.75,))]
+
+
 def test_nonfinite_steps_are_skipped_and_counted():
     def nan_loss(params, batch, rng, config, train=True):
         loss, m = toy_loss(params, batch, rng, config, train)

@@ -36,6 +36,14 @@ def encoder_ladder(config) -> tuple[int, ...]:
     return count_ladder(seq_len(config), m.encoder_buckets, m.buffer_size, top)
 
 
+def without_ladders(config):
+    """A copy of ``config`` that runs at full capacity (the train step when ``train.ladders``
+    is off)."""
+    config = config.copy_and_resolve_references()
+    config.model.encoder_buckets = config.model.loss_buckets = ()
+    return config
+
+
 def build_model(config) -> MaskedGenerator | ARGenerator:
     m = config.model
     if m.arch == "ar":
