@@ -19,7 +19,7 @@ from emigm_jax import sharding as shd
 from emigm_jax import train as train_lib
 from emigm_jax.models import init_params, param_shapes, seq_len, token_dim
 from emigm_jax.plan.chips import Target
-from emigm_jax.plan.hlo import Collective, collectives
+from emigm_jax.plan.hlo import Collective, collectives, matmul_flops
 from emigm_jax.sampling import make_sampler
 
 
@@ -33,7 +33,8 @@ class Compiled:
     fits: bool
     compile_s: float
     memory: dict[str, float] = dataclasses.field(default_factory=dict)
-    flops: float = 0.0
+    flops: float = 0.0          # XLA cost analysis (each loop body once)
+    matmul_flops: float = 0.0   # matmuls with loop trips (hlo.matmul_flops)
     bytes_accessed: float = 0.0
     state_bytes: float = 0.0  # the sharded arguments' own bytes (state + batch) per chip
     collectives: list[Collective] = dataclasses.field(default_factory=list)
@@ -135,6 +136,7 @@ def compile_point(config, target: Target, what: str = "train", hlo_path: str = "
         with open(hlo_path, "w", encoding="utf-8") as f:
             f.write(text)
     out.collectives = collectives(text)
+    out.matmul_flops = matmul_flops(text)
     out.fits = mem["total"] <= target.chip.hbm_bytes
     if not out.fits:
         out.error = (f"needs {mem['total'] / 2**30:.2f} GiB per chip, more than the "

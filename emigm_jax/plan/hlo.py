@@ -179,6 +179,59 @@ def collectives(hlo_text: str) -> list[Collective]:
     return out
 
 
+_MATMUL = re.compile(r"=\s*(\S+)\s+(dot|convolution)\(([^)]*)\)")
+_CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_DIM_LABELS = re.compile(r"dim_labels=[^_]*_([^-]*)->")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)")
+_PARAM = re.compile(r"([\w.\-]+):\s*([a-z]+\d*[a-z0-9]*\[[\d,]*\])")
+
+
+def _operand_dims(operands: str, table: dict[str, str]) -> list[tuple[int, ...]]:
+    """Dims of each operand: printed inline (``f32[4,8] %x``) or looked up by name."""
+    dims = []
+    for op in operands.split(","):
+        op = op.strip()
+        shape = _shapes(op) or _shapes(table.get(op.split()[-1].lstrip("%"), "")) if op else []
+        if shape:
+            dims.append(shape[0][1])
+    return dims
+
+
+def _matmul_flops(line: str, table: dict[str, str]) -> float:
+    """2 x output elements x contraction size of one dot or convolution instruction."""
+    m = _MATMUL.search(line)
+    if not m:
+        return 0.0
+    out, kind = _shapes(m.group(1)), m.group(2)
+    operands = _operand_dims(re.sub(r"\{[\d,]*\}", "", m.group(3)), table)
+    if not out or len(operands) < 2:
+        return 0.0
+    if kind == "dot":
+        dims = _CONTRACT.search(line)
+        k = _prod(operands[0][int(i)] for i in dims.group(1).split(",") if i) if dims else 1
+    else:  # the kernel's dims other than its output feature ('o') are contracted
+        labels = _DIM_LABELS.search(line)
+        k = _prod(d for d, c in zip(operands[1], labels.group(1)) if c != "o") if labels else 1
+    return 2.0 * _prod(out[0][1]) * k
+
+
+def matmul_flops(hlo_text: str) -> float:
+    """Matmul FLOPs per run of the module, each loop body counted once per trip.
+
+    XLA's ``cost_analysis`` counts a while loop's body once, so a layer scan's FLOPs come out
+    divided by the depth; this count multiplies by the trip counts as ``collectives`` does.
+    """
+    comps, entry = _computations(hlo_text)
+    mult = _multipliers(comps, entry, {})
+    table = dict(_PARAM.findall(hlo_text))  # instruction and parameter names are module-unique
+    for line in hlo_text.splitlines():
+        d = _DEF.match(line)
+        if d:
+            table[d.group(1)] = d.group(2)
+    return float(sum(mult.get(name, 0) * _matmul_flops(line, table)
+                     for name, lines in comps.items() if mult.get(name) for line in lines))
+
+
 def summarize(cols: list[Collective]) -> dict[str, dict[str, float]]:
     """kind -> {'count': executions per step, 'bytes': per-chip traffic per step}."""
     out = {k: {"count": 0, "bytes": 0.0} for k in KINDS}
