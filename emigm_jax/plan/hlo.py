@@ -182,6 +182,7 @@ def collectives(hlo_text: str) -> list[Collective]:
 _MATMUL = re.compile(r"=\s*(\S+)\s+(dot|convolution)\(([^)]*)\)")
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _DIM_LABELS = re.compile(r"dim_labels=[^_]*_([^-]*)->")
+_WINDOW = re.compile(r"window=\{[^}]*(stride|dilate|pad=|reversal)")
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)")
 _PARAM = re.compile(r"([\w.\-]+):\s*([a-z]+\d*[a-z0-9]*\[[\d,]*\])")
 
@@ -209,7 +210,9 @@ def _matmul_flops(line: str, table: dict[str, str]) -> float:
     if kind == "dot":
         dims = _CONTRACT.search(line)
         k = _prod(operands[0][int(i)] for i in dims.group(1).split(",") if i) if dims else 1
-    else:  # the kernel's dims other than its output feature ('o') are contracted
+    else:  # TPU's matmuls as convolutions: the kernel's dims other than 'o' are contracted
+        if _WINDOW.search(line):
+            return 0.0  # strided / dilated / padded: TPU's lowering of small batched products
         labels = _DIM_LABELS.search(line)
         k = _prod(d for d, c in zip(operands[1], labels.group(1)) if c != "o") if labels else 1
     return 2.0 * _prod(out[0][1]) * k
@@ -220,6 +223,9 @@ def matmul_flops(hlo_text: str) -> float:
 
     XLA's ``cost_analysis`` counts a while loop's body once, so a layer scan's FLOPs come out
     divided by the depth; this count multiplies by the trip counts as ``collectives`` does.
+    Counted: dots and plain convolutions (TPU's dense layers and their weight gradients); not
+    counted: the strided, dilated or padded convolutions TPU makes of attention's small
+    batched products (4 T^2 D per block, a few percent of a block's 24 T D^2).
     """
     comps, entry = _computations(hlo_text)
     mult = _multipliers(comps, entry, {})
