@@ -115,3 +115,25 @@ def test_matmul_flops_count_each_loop_trip():
     want = 5 * 2 * 4 * 8 * 8 + 2 * 4 * 8 * 16
     assert matmul_flops(compiled.as_text()) == want
     assert compiled.cost_analysis()["flops"] < 0.5 * want  # the undercount this corrects
+
+
+def test_sampler_plan_compiles_with_its_key(tmp_path):
+    """--config.plan.what=sample: the sampler (a typed PRNG key among its inputs) compiles and
+    its per-image estimate is written."""
+    cfg = tmp_path / "tiny_sample_plan.py"
+    sample = ('    c.plan.meshes = ((2, 1),)\n'
+              '    c.plan.what, c.plan.search_batch, c.plan.sample_per_chip = "sample", False, 2\n'
+              '    c.sample.num_iter, c.sample.solver_steps = 2, 2\n    return c\n')
+    cfg.write_text(CONFIG.format(target="cpu:2", limit=1.0, batch=4).replace("    return c\n", sample))
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--mode=plan",
+                           f"--config={cfg}", f"--workdir={tmp_path / 'run'}"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((tmp_path / "run" / "plan" / "sample" / "plan.json").read_text())
+    chosen = plan["chosen"]
+    assert chosen["fits"] and chosen["per_chip_batch"] == 2 and chosen["global_batch"] == 4
+    # the key is 8 bytes of the arguments: params + labels + key == the arguments' bytes
+    args, state = chosen["memory_bytes"]["argument"], chosen["state_bytes"]
+    assert state > 0 and abs(args - state) <= 0.05 * state, (args, state)
+    assert "estimated s/image (per chip)" in plan["extras"]

@@ -62,7 +62,11 @@ def sharded_bytes(tree) -> float:
     total = 0.0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += float(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+        dtype = leaf.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # a typed key: its raw data
+            raw = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, dtype))
+            shape, dtype = shape + raw.shape[len(leaf.shape):], raw.dtype
+        total += float(np.prod(shape)) * jnp.dtype(dtype).itemsize
     return total
 
 
