@@ -39,10 +39,13 @@ def discrete_digits_config(name: str):
     o.weight_decay = 0.02
     o.warmup_steps = 50
     o.ema_decay = 0.99
+    o.decay = "constant"
 
     t = c.train
     t.batch_size = 128
     t.num_steps = 500
+    t.log_every = 50
+    c.checkpoint.every_steps = 300
     t.label_smoothing = 0.0
 
     s = c.sample

@@ -38,6 +38,7 @@ def tiny_digits_config(overrides: dict | None = None):
     c.train.log_every = 1
     c.train.progress = False
     c.optim.warmup_steps = 2
+    c.optim.decay = "constant"  # resume tests change num_steps; a cosine would follow it
     c.checkpoint.every_steps = 4
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
