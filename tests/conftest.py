@@ -52,6 +52,7 @@ ONE_WORKER_MODULES = ("test_ar_prefix.py", "test_cache_latents.py", "test_checkp
                       "test_tokenizers_vq.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a module
