@@ -38,24 +38,16 @@ def tiny():
     return tiny_config
 
 
-# Scheduling for `pytest -n 2 --dist loadgroup` (README's test command). Modules whose
-# module-scoped fixture compiles or trains something run on one worker, so the fixture is built
-# once instead of once per worker; the slowest modules are handed out first, so the run does
-# not end with one worker busy on a long test while the other idles (longest first).
+# Scheduling for `pytest -n 2 --dist loadgroup` (README's test command): the slowest modules
+# are handed out first, so the run does not end with one worker busy on a long test while the
+# other idles. Modules whose module-scoped fixtures compile or train mark themselves
+# `pytestmark = pytest.mark.xdist_group(...)`, so each fixture is built on one worker only.
 SLOWEST_FIRST = ("test_plan.py", "test_sharding.py", "test_golden.py", "test_checkpoint.py",
-                 "test_buckets.py", "test_main.py", "test_scan_layers.py", "test_layout_resume.py",
-                 "test_recovery.py", "test_sweep_digits.py", "test_convert_emigm.py", "test_fid.py")
-ONE_WORKER_MODULES = ("test_ar_prefix.py", "test_cache_latents.py", "test_checkpoint.py",
-                      "test_convert_emigm.py", "test_generate.py", "test_inception.py",
-                      "test_layout_resume.py", "test_plan.py", "test_recovery.py",
-                      "test_sampling.py", "test_sweep_digits.py", "test_tokenizers_sdvq.py",
-                      "test_tokenizers_vq.py")
+                 "test_buckets.py", "test_main.py", "test_scan_layers.py", "test_recovery.py",
+                 "test_layout_resume.py", "test_sweep_digits.py", "test_convert_emigm.py",
+                 "test_fid.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a module
-    for item in items:
-        if item.path.name in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))

@@ -13,6 +13,10 @@ from emigm_jax.models import random_params
 from tests.conftest import tiny_config
 from tests.test_ar import tiny_ar
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_ar_prefix")
+
 
 def tiny_masked(order="confidence", cfg_scale=2.0):
     """A 16-token, 7-symbol single-stack categorical model (the MaskGIL layout)."""

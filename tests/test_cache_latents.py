@@ -19,6 +19,10 @@ from PIL import Image
 from emigm_jax.data import cache_latents as cl
 from emigm_jax.data import latent_dataset as ld
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_cache_latents")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["n02", "n01", "n04", "n03"]  # unsorted on purpose: labels follow sorted names
 PER_CLASS = 16

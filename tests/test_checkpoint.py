@@ -16,6 +16,10 @@ from emigm_jax.checkpoint import Checkpointer, PreemptionWatcher
 from emigm_jax.data import pipeline
 from emigm_jax.data.digits import ArraySource
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 

@@ -18,6 +18,10 @@ import sys
 import numpy as np
 import pytest
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_convert_emigm")
+
 torch = pytest.importorskip(
     "torch", reason="PyTorch is not installed; install the interop extra: pip install -e '.[interop]'")
 nn = torch.nn

@@ -8,6 +8,10 @@ from emigm_jax import sharding as shd
 from emigm_jax.models import random_params
 from tests.conftest import tiny_config
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_generate")
+
 
 @pytest.fixture(scope="module")
 def setup():

@@ -15,6 +15,10 @@ from emigm_jax.convert.common import ConversionError, write_variables
 from emigm_jax.evaluation.inception import (FIDInceptionV3, make_feature_fn, preprocess_images,
                                             resize_matrix, variable_shapes)
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_inception")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

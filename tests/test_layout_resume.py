@@ -18,6 +18,10 @@ from emigm_jax.models.layout import is_scanned, to_layout
 from emigm_jax.sampling.generate import generate
 from tests.multiprocess_worker import tiny_digits_config
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_layout_resume")
+
 # Two blocks per stack (a stack of one is stacked too, but two tell the layer order apart);
 # 6 steps with a checkpoint every 2.
 RUN = {"model.enc_depth": 2, "model.dec_depth": 2, "train.num_steps": 6,

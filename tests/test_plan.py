@@ -13,6 +13,10 @@ import pytest
 
 from tests.conftest import ROOT
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_plan")
+
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p:2x2x1" if HAS_LIBTPU else "cpu:4"
 # Per-chip memory limit: 9 examples per chip fit on cpu:4 with the encoder and loss ladders and

@@ -34,6 +34,10 @@ from emigm_jax.models import init_params
 from tests.multiprocess_worker import tiny_digits_config
 from tests.test_train import toy_init, toy_loss, toy_mask
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_recovery")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = 65534  # an unprivileged uid/gid: root ignores permission bits
 # 10 steps, a checkpoint every 5; max_nonfinite_steps=0 once stopped healthy runs (failure 3).

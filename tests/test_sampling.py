@@ -29,6 +29,10 @@ from emigm_jax.models import build_model, seq_len, token_dim
 from emigm_jax.schedules import schedule_from_config
 from tests.conftest import ROOT, tiny_config
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_sampling")
+
 
 # ------------------------------------------------------------------------------ helpers
 def small_config(head="diffusion", side=4, **sample):

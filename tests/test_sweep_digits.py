@@ -12,6 +12,10 @@ import pytest
 from emigm_jax.evaluation import digits_sweep as ds
 from emigm_jax.evaluation import sweep as sw
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_sweep_digits")
+
 
 def _tiny_digits_config(**sweep):
     import ml_collections

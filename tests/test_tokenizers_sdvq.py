@@ -18,6 +18,10 @@ from emigm_jax.convert.sdvq import convert_sdvq, load_sdvq
 from emigm_jax.tokenizers.registry import build_tokenizer
 from emigm_jax.tokenizers.sdvq import SD_VQ_F8, SDVQConfig, SDVQModel, sdvq_variable_shapes
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_tokenizers_sdvq")
+
 # The VQ-f8 structure (4 levels, attention at resolution 32) at reduced width, a 64-code
 # codebook, resolution 32 so the attention level is the lowest one of a 32px input (4 x 4).
 SMALL = SDVQConfig(ch=32, resolution=32, attn_resolutions=(4,), decoder_attn_resolutions=(4,),

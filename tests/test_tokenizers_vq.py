@@ -22,6 +22,10 @@ from emigm_jax.convert.vq import VQ16_RULES, convert_vq, load_vq
 from emigm_jax.tokenizers.vq import (VQ16, VQConfig, VQModel, lookup_codes, nearest_code_ids,
                                      token_grid, vq_variable_shapes)
 
+# One xdist worker for the whole module (README's --dist loadgroup): its module
+# fixtures compile or train once.
+pytestmark = pytest.mark.xdist_group("test_tokenizers_vq")
+
 # Full VQ-16 block structure (5 levels, attention at the lowest resolution) at reduced width,
 # a 64-code codebook and z_channels 32: 64px images -> 4 x 4 = 16 tokens.
 SMALL = VQConfig(ch=32, z_channels=32, codebook_size=64)
