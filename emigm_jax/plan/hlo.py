@@ -27,7 +27,8 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16"
                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(KINDS) + r")(-start)?\(")
-_SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_DTYPE = r"[a-z]+\d*[a-z0-9]*"  # f32, bf16, f8e4m3fn, ...
+_SHAPE = re.compile(r"\b(" + _DTYPE + r")\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _REF = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)="
                   r"%?([\w.\-]+)")
@@ -184,7 +185,7 @@ _CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _DIM_LABELS = re.compile(r"dim_labels=[^_]*_([^-]*)->")
 _WINDOW = re.compile(r"window=\{[^}]*(stride|dilate|pad=|reversal)")
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)")
-_PARAM = re.compile(r"([\w.\-]+):\s*([a-z]+\d*[a-z0-9]*\[[\d,]*\])")
+_PARAM = re.compile(r"([\w.\-]+):\s*(" + _DTYPE + r"\[[\d,]*\])")  # header parameters
 
 
 def _operand_dims(operands: str, table: dict[str, str]) -> list[tuple[int, ...]]:
