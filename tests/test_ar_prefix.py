@@ -106,3 +106,19 @@ def test_bad_pairs_and_shares_are_named(models):
         ar_prefix.sample(p, jnp.array([0]), jax.random.key(0), c, ar_params=ap, ar_config=bad)
     with pytest.raises(ConfigError, match="expected an 'ar' model"):
         ar_prefix.check_pair(c, tiny_masked())
+
+
+def test_ar_config_from_an_older_record_takes_todays_defaults(tmp_path):
+    """A config.json written before a field existed (here model.norm_eps) still builds: the
+    record overrides configs/base.py's defaults, field by field."""
+    import json
+    from emigm_jax.workdir import config_as_json
+    record = config_as_json(tiny_ar())
+    del record["model"]["norm_eps"]
+    record["model"]["depth"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    c = ar_prefix.load_ar_config(str(tmp_path))
+    assert c.model.norm_eps == 1e-6 and c.model.depth == 3 and c.model.arch == "ar"
+    assert c.sample.cfg_scale == record["sample"]["cfg_scale"]
+    with pytest.raises(FileNotFoundError, match="ar_workdir"):
+        ar_prefix.load_ar_config(str(tmp_path / "none"))

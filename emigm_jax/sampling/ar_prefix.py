@@ -18,6 +18,7 @@ import os
 import jax
 import ml_collections
 
+from emigm_jax.config_files import load_config
 from emigm_jax.config_validation import ConfigError
 from emigm_jax.models import seq_len
 from emigm_jax.sampling import ar as ar_sampling
@@ -62,14 +63,24 @@ def sample(params, labels: jax.Array, rng: jax.Array, config, *, ar_params, ar_c
     return tokens, dict(info, ar_nfe=ar_info["nfe"], nfe=info["nfe"] + ar_info["nfe"])
 
 
+def _merged(defaults: dict, record: dict) -> dict:
+    out = dict(defaults)
+    for key, value in record.items():
+        both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        out[key] = _merged(defaults[key], value) if both_dicts else value
+    return out
+
+
 def load_ar_config(workdir: str):
-    """The AR run's config (its config.json) named by ``sample.ar_workdir``."""
+    """The AR run's config (its config.json) named by ``sample.ar_workdir``, over today's
+    defaults (configs/base.py), so a record written before a field existed still builds."""
     path = os.path.join(workdir, "config.json")
     if not workdir or not os.path.exists(path):
         raise FileNotFoundError(f"config.sample.ar_workdir={workdir!r} has no config.json: "
                                 "train a model.arch='ar' model there first (configs/digits_ar.py)")
     with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+        record = json.load(f)
+    return ml_collections.ConfigDict(_merged(load_config("base").to_dict(), record))
 
 
 def make_prefix_sampler(config, ar_config):
