@@ -29,7 +29,7 @@ setup(
     packages=find_packages(include=["emigm_jax", "emigm_jax.*", "configs"]),
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        "test": ["pytest==8.4.2", "pytest-xdist==3.8.0"],
         # PyTorch-side reading of official checkpoints and parity tests.
         # TPU VMs (and compile-only TPU plans on any host): jax[tpu] at the tested jax version
         # pulls the libtpu built for it (jax 0.10.2 -> libtpu 0.0.42.*).
