@@ -48,6 +48,7 @@ def plan(tmp_path_factory):
     cfg = tmp / "tiny_plan.py"
     cfg.write_text(CONFIG.format(target=TARGET, limit=LIMIT_GIB, batch=GLOBAL_BATCH))
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the plan reads each fresh compile's analyses
     proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--mode=plan",
                            f"--config={cfg}", f"--workdir={tmp / 'run'}"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
@@ -130,6 +131,7 @@ def test_sampler_plan_compiles_with_its_key(tmp_path):
               '    c.sample.num_iter, c.sample.solver_steps = 2, 2\n    return c\n')
     cfg.write_text(CONFIG.format(target="cpu:2", limit=1.0, batch=4).replace("    return c\n", sample))
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the plan reads each fresh compile's analyses
     proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--mode=plan",
                            f"--config={cfg}", f"--workdir={tmp_path / 'run'}"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
