@@ -10,6 +10,7 @@ killed and resumed still reports its whole training time.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -254,7 +255,10 @@ class SegmentClock:
     def __init__(self, workdir: str, start_step: int):
         self.workdir, self.start_step = workdir, start_step
         self.t0 = time.perf_counter()
-        self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"/{os.getpid()}"
+        # The segment's key in train_time.json: to the microsecond, because one process can
+        # start two segments within a second (a preempted train() resumed in-process).
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.started = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ") + f"/{os.getpid()}"
 
     def seconds(self) -> float:
         return time.perf_counter() - self.t0

@@ -465,3 +465,15 @@ def test_second_run_on_a_locked_workdir_is_refused_naming_the_owner(tmp_path):
     (run / "run.lock").write_text(json.dumps({"host": "node-7", "pid": 4242}))
     with pytest.raises(workdir_lib.WorkdirError, match="host node-7, pid 4242"):
         workdir_lib.acquire_lock(str(run))
+
+
+def test_two_segments_started_in_one_second_by_one_process_are_both_kept(tmp_path):
+    """A preempted train() resumed in the same process can start its next segment within the
+    same second; each segment keeps its own train_time.json entry."""
+    first = workdir_lib.SegmentClock(str(tmp_path), 0)
+    first.record(5)
+    second = workdir_lib.SegmentClock(str(tmp_path), 5)
+    second.record(8)
+    first.record(5)  # a later update of the first segment replaces only its own entry
+    assert [(s["start_step"], s["end_step"]) for s in workdir_lib.read_segments(str(tmp_path))] \
+        == [(5, 8), (0, 5)]
