@@ -106,10 +106,7 @@ _EIGHT_DEVICES = textwrap.dedent(r"""
     from emigm_jax.models import init_params
 
     def run(n_dev, data, fsdp):
-        c = tiny_digits_config({"mesh.data": data, "mesh.fsdp": fsdp, "model.label_drop_prob": 0.1,
-                               # short ladders: the sharded rungs must match one device too
-                               "model.encoder_buckets": (0.5,), "model.loss_buckets": (0.75,),
-                               "train.ladders": True})
+        c = tiny_digits_config({"mesh.data": data, "mesh.fsdp": fsdp, "model.label_drop_prob": 0.1})
         mesh = shd.make_mesh(c.mesh, devices=jax.devices()[:n_dev])
         sched = train.lr_schedule(c, 1437)
         opt = train.make_optimizer(c, sched)
