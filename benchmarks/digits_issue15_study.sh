@@ -33,6 +33,10 @@ train digits_maskgil digits_maskgil
 train digits_di digits_di
 train digits_di_coupling digits_di --config.mask.coupling_ratio=0.25 --config.name=digits_di_coupling
 
+# DI trend 5: confidence-sampling temperature on the DI network
+study digits_di digits_di study_confidence_temperature \
+  '("confidence_temp08","confidence","confidence_temp12")' '(8,16)'
+
 # MaskGIL Table 5 on digits: AR share x 64 AR steps + the masked model's 8 steps
 for share in 0.0 0.25 0.5 0.75 1.0; do
   out="$RUNS/digits_maskgil/ar_prefix_$share.json"
@@ -48,6 +52,3 @@ done
 study digits_maskgil digits_maskgil study_solver '("default","momentum2")' '(4,8,16,32)' '(2.0,)'
 study digits_maskgil digits_maskgil study_z_cfg \
   '("masked_z","masked_z_cfg1","masked_z_cfg2","masked_z_cfg3")' '(8,16)' '(2.0,)'
-# DI trend 5: confidence-sampling temperature on the DI network
-study digits_di digits_di study_confidence_temperature \
-  '("confidence_temp08","confidence","confidence_temp12")' '(8,16)'
