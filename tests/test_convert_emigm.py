@@ -295,12 +295,17 @@ def test_xs_official_layout_and_full_coverage(xs_torch):
     assert shapes["diffloss.net.res_blocks.0.adaLN_modulation.1.weight"] == (3072, 1024)
     assert shapes["diffloss.net.final_layer.linear.weight"] == (32, 1024)
     config = emigm_xs_256.get_config()
+    assert config.model.scan_layers  # the shipped layout: one stacked `block` per stack
     params = conv.convert_weights(numpy_state_dict(xs_torch), config)
     assert conv.parameter_count(params) == param_count(config) == 69_018_848
     flat = conv.flatten(params)
+    qkv = sd["encoder_blocks.3.attn.qkv.weight"].numpy().T
     np.testing.assert_array_equal(
-        flat[("backbone", "encoder_blocks", "block_3", "attn", "qkv", "kernel")],
-        sd["encoder_blocks.3.attn.qkv.weight"].numpy().T)
+        flat[("backbone", "encoder_blocks", "block", "attn", "qkv", "kernel")][3], qkv)
+    config.model.scan_layers = False
+    flat = conv.flatten(conv.convert_weights(numpy_state_dict(xs_torch), config))
+    np.testing.assert_array_equal(
+        flat[("backbone", "encoder_blocks", "block_3", "attn", "qkv", "kernel")], qkv)
     np.testing.assert_array_equal(flat[("diffloss", "net", "res_blocks_2", "in_ln", "scale")],
                                   sd["diffloss.net.res_blocks.2.in_ln.weight"].numpy())
     np.testing.assert_array_equal(flat[("mask_token",)], sd["mask_token"].numpy())
