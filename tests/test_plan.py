@@ -143,3 +143,23 @@ def test_sampler_plan_compiles_with_its_key(tmp_path):
     args, state = chosen["memory_bytes"]["argument"], chosen["state_bytes"]
     assert state > 0 and abs(args - state) <= 0.05 * state, (args, state)
     assert "estimated s/image (per chip)" in plan["extras"]
+
+
+def test_matmul_flops_count_one_branch_of_a_switch():
+    """A lax.switch runs one branch: the count takes its most expensive branch (closed form:
+    3 trips of max([4,8]x[8,8], [4,8]x[8,8] twice)), not the sum of all branches."""
+    import jax
+    import jax.numpy as jnp
+
+    from emigm_jax.plan.hlo import matmul_flops
+
+    def f(x, w, idx):
+        def body(h, i):
+            branches = (lambda h: jnp.tanh(h @ w), lambda h: jnp.tanh(jnp.tanh(h @ w) @ w))
+            return jax.lax.switch(i, branches, h), None
+        h, _ = jax.lax.scan(body, x, idx)
+        return h
+
+    compiled = jax.jit(f).lower(jnp.ones((4, 8)), jnp.ones((8, 8)),
+                                jnp.zeros((3,), jnp.int32)).compile()
+    assert matmul_flops(compiled.as_text()) == 3 * 2 * (2 * 4 * 8 * 8)

@@ -116,36 +116,46 @@ def _loop_bound(cond_lines: list[str]) -> int:
     return max(consts) if consts else 1
 
 
-def _multipliers(comps: dict[str, list[str]], entry: str,
-                 callers: dict[str, str]) -> dict[str, int]:
-    """Executions of each computation per run of the entry (trip counts multiply)."""
+def _call_edges(comps: dict[str, list[str]], callers: dict[str, str]):
+    """parent -> [(child, executions per parent run, conditional id or None)]: loop bodies
+    run their trip count, calls once; the branches of one conditional share an id (one of
+    them runs)."""
     edges = collections.defaultdict(list)
     for parent, lines in comps.items():
-        for line in lines:
+        for i, line in enumerate(lines):
             refs = dict((k, c) for k, c in _REF.findall(line))
             trip = _TRIP.search(line)
             n = int(trip.group(1)) if trip else _loop_bound(comps.get(refs.get("condition"), []))
             op = _OP_NAME.search(line)
             for kind, child in refs.items():
-                edges[parent].append((child, n if kind == "body" else 1))
+                branch = (parent, i) if kind.endswith("_computation") else None
+                edges[parent].append((child, n if kind == "body" else 1, branch))
                 if op and child not in callers:
                     callers[child] = op.group(1)
             for group in _BRANCHES.findall(line):
                 for child in group.split(","):
-                    edges[parent].append((child.strip().lstrip("%"), 1))
+                    edges[parent].append((child.strip().lstrip("%"), 1, (parent, i)))
+    return edges
+
+
+def _multipliers(comps: dict[str, list[str]], entry: str,
+                 callers: dict[str, str]) -> dict[str, int]:
+    """Executions of each computation per run of the entry (trip counts multiply; every
+    branch of a conditional is counted, as each may run)."""
+    edges = _call_edges(comps, callers)
     order, seen = [], set()
 
     def visit(c):  # post-order DFS; the call graph is a DAG
         if c in seen:
             return
         seen.add(c)
-        for child, _ in edges.get(c, ()):
+        for child, _, _ in edges.get(c, ()):
             visit(child)
         order.append(c)
     visit(entry)
     mult = collections.defaultdict(int, {entry: 1})
     for c in reversed(order):
-        for child, factor in edges.get(c, ()):
+        for child, factor, _ in edges.get(c, ()):
             mult[child] += mult[c] * factor
     return mult
 
@@ -224,19 +234,34 @@ def matmul_flops(hlo_text: str) -> float:
 
     XLA's ``cost_analysis`` counts a while loop's body once, so a layer scan's FLOPs come out
     divided by the depth; this count multiplies by the trip counts as ``collectives`` does.
+    A conditional (``lax.switch``, ``lax.cond``) runs one branch: its most expensive branch
+    is counted, an upper bound (a capacity ladder's top rung).
     Counted: dots and plain convolutions (TPU's dense layers and their weight gradients); not
     counted: the strided, dilated or padded convolutions TPU makes of attention's small
     batched products (4 T^2 D per block, a few percent of a block's 24 T D^2).
     """
     comps, entry = _computations(hlo_text)
-    mult = _multipliers(comps, entry, {})
+    edges = _call_edges(comps, {})
     table = dict(_PARAM.findall(hlo_text))  # instruction and parameter names are module-unique
     for line in hlo_text.splitlines():
         d = _DEF.match(line)
         if d:
             table[d.group(1)] = d.group(2)
-    return float(sum(mult.get(name, 0) * _matmul_flops(line, table)
-                     for name, lines in comps.items() if mult.get(name) for line in lines))
+    own = {name: sum(_matmul_flops(line, table) for line in lines)
+           for name, lines in comps.items()}
+    memo: dict[str, float] = {}
+
+    def per_run(c: str) -> float:
+        if c not in memo:
+            total, branches = own.get(c, 0.0), collections.defaultdict(list)
+            for child, factor, conditional in edges.get(c, ()):
+                if conditional is None:
+                    total += factor * per_run(child)
+                else:
+                    branches[conditional].append(per_run(child))
+            memo[c] = total + sum(max(b) for b in branches.values())
+        return memo[c]
+    return float(per_run(entry))
 
 
 def summarize(cols: list[Collective]) -> dict[str, dict[str, float]]:
