@@ -115,10 +115,10 @@ def test_ar_config_from_an_older_record_takes_todays_defaults(tmp_path):
     from emigm_jax.workdir import config_as_json
     record = config_as_json(tiny_ar())
     del record["model"]["norm_eps"]
-    record["model"]["depth"] = 3
+    assert record["model"]["width"] == 32  # the tiny AR model; base.py says 768
     (tmp_path / "config.json").write_text(json.dumps(record))
     c = ar_prefix.load_ar_config(str(tmp_path))
-    assert c.model.norm_eps == 1e-6 and c.model.depth == 3 and c.model.arch == "ar"
+    assert c.model.norm_eps == 1e-6 and c.model.width == 32 and c.model.arch == "ar"
     assert c.sample.cfg_scale == record["sample"]["cfg_scale"]
     with pytest.raises(FileNotFoundError, match="ar_workdir"):
         ar_prefix.load_ar_config(str(tmp_path / "none"))

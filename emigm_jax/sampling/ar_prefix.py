@@ -16,7 +16,6 @@ import json
 import os
 
 import jax
-import ml_collections
 
 from emigm_jax.config_files import load_config
 from emigm_jax.config_validation import ConfigError
@@ -63,14 +62,6 @@ def sample(params, labels: jax.Array, rng: jax.Array, config, *, ar_params, ar_c
     return tokens, dict(info, ar_nfe=ar_info["nfe"], nfe=info["nfe"] + ar_info["nfe"])
 
 
-def _merged(defaults: dict, record: dict) -> dict:
-    out = dict(defaults)
-    for key, value in record.items():
-        both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
-        out[key] = _merged(defaults[key], value) if both_dicts else value
-    return out
-
-
 def load_ar_config(workdir: str):
     """The AR run's config (its config.json) named by ``sample.ar_workdir``, over today's
     defaults (configs/base.py), so a record written before a field existed still builds."""
@@ -78,9 +69,10 @@ def load_ar_config(workdir: str):
     if not workdir or not os.path.exists(path):
         raise FileNotFoundError(f"config.sample.ar_workdir={workdir!r} has no config.json: "
                                 "train a model.arch='ar' model there first (configs/digits_ar.py)")
+    config = load_config("base")
     with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    return ml_collections.ConfigDict(_merged(load_config("base").to_dict(), record))
+        config.update(json.load(f))  # recursive: the record's fields over the defaults
+    return config
 
 
 def make_prefix_sampler(config, ar_config):
