@@ -18,12 +18,13 @@ NFE = seconds per batch / NFE, NFE being network forward passes per image.
 FLOPs are counted, not estimated from wall time: XLA's ``cost_analysis()`` of the two
 networks as compiled (the transformer at batch 1, the head per token row), multiplied by the
 calls the run made: the transformer once per step at batch B (2B on CFG steps), the head
-``solver evals x rows`` per step, rows = B x ceil(count / chunk) x chunk (x 2 on CFG steps)
-with the per-step counts the run returned, chunk the smallest ``sampling.head_ladder`` rung
-holding the count. (A ``cost_analysis()`` of the whole sampler would count each
-``lax.scan`` / loop body once.) The transformer count is taken at full encoder capacity
-(buffer + N slots), an upper bound: the work-proportional encoder runs a smaller rung on
-most steps; ``benchmarks/vs_reference.py`` counts the rungs a run actually took.
+``solver evals x rows`` per step, rows = B x ``sampling.head_rows(count)`` (full chunks, then
+the remainder's rung; x 2 on CFG steps) with the per-step counts the run returned. (A
+``cost_analysis()`` of the whole sampler would count each ``lax.scan`` / loop body once.)
+The transformer count is taken at full capacity (buffer + N encoder slots, every row of the
+last decoder block), an upper bound: the work-proportional encoder and the last block's
+read rows run smaller rungs on most steps; ``benchmarks/vs_reference.py`` counts the rungs a
+run actually took.
 
 Peak: a 2048 x 2048 float32 matmul chain in the same process, measured at the start and right
 after each case's timed runs (on a shared CPU the available throughput drifts).
@@ -107,12 +108,11 @@ def flops_per_call(config, params):
 def run_flops(config, batch: int, counts, t_flops: float, h_row: float) -> float:
     sc = config.sample
     guided = sampling.guided_steps(sc).astype(np.float64)
-    ladder = np.asarray(sampling.head_ladder(sc, seq_len(config)))
-    counts = np.asarray(counts)
-    chunk = ladder[np.minimum(np.searchsorted(ladder, counts), len(ladder) - 1)]
+    n = seq_len(config)
+    per_sample = np.asarray([sampling.head_rows(sc, n, int(k)) for k in counts], np.float64)
     evals = dpm_solver.num_model_evals(int(sc.solver_steps), int(sc.solver_order),
                                        sc.solver_method)
-    rows = batch * np.ceil(counts / chunk) * chunk * (1.0 + guided)
+    rows = batch * per_sample * (1.0 + guided)
     return float(batch * (1.0 + guided).sum() * t_flops + evals * rows.sum() * h_row)
 
 

@@ -17,8 +17,8 @@ next to a 2048^3 XLA matmul measured in the same run.
 
 FLOP accounting. Reference: forward hooks on every ``nn.Linear`` (2 * rows * in * out) and on
 every transformer block (attention matmuls 4 * B * T^2 * D), i.e. the token counts its calls
-actually saw. Ours: XLA's ``cost_analysis`` of each branch the run took (encoder rung and
-batch of each step, head rows of each call), compiled one by one, multiplied by how often the
+actually saw. Ours: XLA's ``cost_analysis`` of each branch the run took (encoder rung,
+last-block query rung and batch of each step, head rows of each call), lowered one by one, multiplied by how often the
 run took it (a compiled scan or switch is counted once by XLA, so the whole program's count
 would not be the executed work). Training FLOPs are 3x the forward count (backward = 2x).
 """
@@ -60,10 +60,12 @@ from train_step import measured_peak_flops  # noqa: E402  (this folder, run as a
 from emigm_jax.config_files import load_config  # noqa: E402
 from emigm_jax import sampling, train  # noqa: E402
 from emigm_jax import sharding as shd  # noqa: E402
-from emigm_jax.buckets import count_ladder, rung_index  # noqa: E402
+from emigm_jax.buckets import count_ladder  # noqa: E402
 from emigm_jax.convert.emigm import convert_weights  # noqa: E402
 from emigm_jax.diffusion import dpm_solver  # noqa: E402
 from emigm_jax.models import build_model, encoder_ladder, seq_len, token_dim  # noqa: E402
+from emigm_jax.models.transformer import ReadRows  # noqa: E402
+from emigm_jax.sampling.plan import rung_at  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -169,23 +171,30 @@ def cost_flops(fn, *args) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _transformer_flops(cfg_json: str, cap: int, batch: int) -> float:
+def _transformer_flops(cfg_json: str, cap: int, batch: int, read: int = 0) -> float:
+    """One transformer pass with the encoder at ``cap`` slots and, when ``read`` > 0, the
+    last decoder block on ``read`` query rows (``ReadRows``)."""
     config = _CONFIGS[cfg_json]
     c = config.copy_and_resolve_references()
     c.model.encoder_capacity, c.model.encoder_buckets = cap, ()
     model = build_model(c)
     n, ch = seq_len(c), token_dim(c)
-    return cost_flops(lambda p, t, k, l: model.apply({"params": p}, t, k, l, method="transformer"),
+    rows = None
+    if read:
+        rows = ReadRows(jnp.zeros((batch, read), jnp.int32), jnp.int32(read), (read,))
+    return cost_flops(lambda p, t, k, l: model.apply({"params": p}, t, k, l, read=rows,
+                                                     method="transformer"),
                       _PARAMS[cfg_json], jnp.zeros((batch, n, ch)), jnp.ones((batch, n), bool),
                       jnp.zeros((batch,), jnp.int32))
 
 
 @functools.lru_cache(maxsize=None)
 def _head_eval_flops(cfg_json: str, rows: int) -> float:
+    """One head evaluation on ``rows`` rows at one shared solver time (as the sampler calls it)."""
     config = _CONFIGS[cfg_json]
     model, ch, d = build_model(config), token_dim(config), config.model.width
     return cost_flops(lambda p, x, t, z: model.apply({"params": p}, x, t, z, method="head"),
-                      _PARAMS[cfg_json], jnp.zeros((rows, ch)), jnp.zeros((rows,)),
+                      _PARAMS[cfg_json], jnp.zeros((rows, ch)), jnp.zeros((1,)),
                       jnp.zeros((rows, d)))
 
 
@@ -198,18 +207,20 @@ def ours_sampling_flops(config, params, counts: np.ndarray, images: int) -> floa
     _CONFIGS[key], _PARAMS[key] = config, params
     sc, n = config.sample, seq_len(config)
     guided = sampling.guided_steps(sc)
-    rungs = encoder_ladder(config)
-    head_rungs = sampling.head_ladder(sc, n)
+    rungs, read_rungs = encoder_ladder(config), sampling.read_ladder(sc, n)
+    chunk, head_rungs = sampling.head_chunk(sc, n), sampling.head_ladder(sc, n)
     evals = dpm_solver.num_model_evals(int(sc.solver_steps), int(sc.solver_order),
                                        sc.solver_method)
     total, visible = 0.0, 0
     for k, count in enumerate(int(c) for c in counts):
         g = 2 if guided[k] else 1
-        cap = rungs[int(rung_index(jnp.int32(config.model.buffer_size + visible), rungs))]
-        total += _transformer_flops(key, cap, images * g)
-        chunk = head_rungs[int(rung_index(jnp.int32(count), head_rungs))]
-        calls = -(-count // chunk)
-        total += calls * evals * _head_eval_flops(key, images * chunk * g)
+        cap = rung_at(rungs, config.model.buffer_size + visible)
+        read = rung_at(read_rungs, count) if read_rungs else 0
+        total += _transformer_flops(key, cap, images * g, read)
+        full = max(count - 1, 0) // chunk  # head calls: full chunks, then the remainder's rung
+        last = rung_at(head_rungs, count - full * chunk)
+        total += evals * (full * _head_eval_flops(key, images * chunk * g)
+                          + _head_eval_flops(key, images * last * g))
         visible += count
     return total / images
 
@@ -220,9 +231,8 @@ def ours_train_flops(config, params, masked: int, batch: int) -> float:
     _CONFIGS[key], _PARAMS[key] = config, params
     m, n = config.model, seq_len(config)
     rungs = encoder_ladder(config)
-    cap = rungs[int(rung_index(jnp.int32(m.buffer_size + n - masked), rungs))]
-    loss_rows = count_ladder(n, m.get("loss_buckets", ()))
-    rows = loss_rows[int(rung_index(jnp.int32(masked), loss_rows))]
+    cap = rung_at(rungs, m.buffer_size + n - masked)
+    rows = rung_at(count_ladder(n, m.get("loss_buckets", ())), masked)
     fwd = (_transformer_flops(key, cap, batch)
            + _head_eval_flops(key, batch * rows * m.diffusion_batch_mul))
     return 3.0 * fwd / batch

@@ -136,6 +136,7 @@ def test_sampling_with_ladders_equals_full_capacity(name, head, sample):
     for k, v in sample.items():
         c.sample[k] = v
     c.sample.head_capacity = "auto"
+    c.sample.head_chunk = 4  # reveals of 5-16 tokens: full chunks, then the remainder's rung
     params = _perturbed(c)
     full = _full(c)
     full.sample.head_capacity = "full"
@@ -150,3 +151,28 @@ def test_sampling_with_ladders_equals_full_capacity(name, head, sample):
         np.testing.assert_array_equal(tok_b, tok_f)
     else:
         np.testing.assert_allclose(tok_b, tok_f, rtol=1e-5, atol=1e-5 * np.abs(tok_f).max())
+
+
+def test_head_remainder_and_read_rows_equal_full_capacity():
+    """Reveals larger than a head chunk (full chunks, then the remainder's rung) and the
+    decoder's last block on the revealed rows only: the tokens of the full-capacity sampler."""
+    from emigm_jax import sampling
+
+    c = tiny_config(ladders=True)
+    c.sample.update(dict(num_iter=3, head_chunk=4, cfg_scale=3.0, cfg_t_min=0.0,
+                         cfg_t_max=0.7, head_capacity="auto"))
+    params = _perturbed(c, seed=4)
+    full = _full(c)
+    full.sample.head_capacity = "full"
+    labels, rng = jnp.array([2, 5, -1]), jax.random.key(8)
+    tok_b, info_b = sampling.make_sampler(c)(params, labels, rng)
+    tok_f, info_f = sampling.make_sampler(full)(params, labels, rng)
+    counts = np.asarray(info_b["reveal_counts"])
+    np.testing.assert_array_equal(counts, np.asarray(info_f["reveal_counts"]))
+    assert counts.max() > 4 and any(k % 4 for k in counts if k > 4), counts  # remainders ran
+    assert sampling.guided_steps(c.sample).any()
+    tok_b, tok_f = np.asarray(tok_b), np.asarray(tok_f)
+    np.testing.assert_allclose(tok_b, tok_f, rtol=1e-5, atol=1e-5 * np.abs(tok_f).max())
+    assert sampling.head_rows(c.sample, 16, 7) == 4 + 4 and sampling.head_rows(c.sample, 16, 9) == 8 + 1
+    assert sampling.read_ladder(c.sample, 16) == (1, 2, 4, 8, 16)
+    assert sampling.read_ladder(full.sample, 16) == ()

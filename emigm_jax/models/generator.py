@@ -101,18 +101,20 @@ class MaskedGenerator(nn.Module):
         emb = self.class_emb(jnp.clip(labels, 0, self.num_classes - 1))
         return jnp.where((labels < 0)[:, None], self.fake_class(), emb)
 
-    def transformer(self, tokens, mask, labels, deterministic: bool = True, t=None):
+    def transformer(self, tokens, mask, labels, deterministic: bool = True, t=None, read=None):
         """tokens [B, N, C] (or [B, N] ids), mask [B, N] bool (True = masked), labels [B] -> z [B, N, D].
 
         ``t`` [B] (masking time in [0, 1]) is used only with ``time_cond='explicit'``: its
-        sinusoidal embedding (of 1000 t) is added to the class condition tokens.
+        sinusoidal embedding (of 1000 t) is added to the class condition tokens. ``read``
+        (``transformer.ReadRows`` over token positions; inference): z comes back in read
+        order and the last decoder block only computes the rows read.
         """
         cond = self.class_condition(labels)
         if self.time_cond == "explicit":
             if t is None:
                 raise ValueError("model.time_cond='explicit' needs the time t [B] as input")
             cond = cond + self.time_embed(1000.0 * jnp.broadcast_to(t, labels.shape)).astype(cond.dtype)
-        return self.backbone(tokens, mask, cond, self.mask_token, deterministic)
+        return self.backbone(tokens, mask, cond, self.mask_token, deterministic, read)
 
     def head(self, x_t, t, z):
         """Diffusion head: x_t [M, C], t [M] (discrete timestep, float), z [M, D] -> [M, 2C]."""

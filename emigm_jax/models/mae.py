@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from emigm_jax.buckets import gather_rows, keep_first_order, put_rows, rung_index
 from emigm_jax.sharding import constrain_rows
-from emigm_jax.models.transformer import BlockStack, block_norm, dense, rope2d_angles
+from emigm_jax.models.transformer import BlockStack, ReadRows, block_norm, dense, rope2d_angles
 
 embed_init = nn.initializers.normal(0.02)
 
@@ -100,9 +100,11 @@ class MaskedTransformer(nn.Module):
         ang = rope2d_angles(rows, cols, self.width // self.num_heads)
         return jnp.broadcast_to(ang[None], (b,) + ang.shape)
 
-    def __call__(self, tokens, mask, cond, mask_token, deterministic: bool = True):
+    def __call__(self, tokens, mask, cond, mask_token, deterministic: bool = True,
+                 read: ReadRows | None = None):
         # tokens: [B, N, C] float (or [B, N] int ids); mask: [B, N] bool; cond: [B, D];
-        # mask_token: [1, D]
+        # mask_token: [1, D]; read: the token positions a caller reads (ReadRows over 0..N-1,
+        # inference only) -> z [B, N, D] in read order, rows past read.count unspecified
         b, n = tokens.shape[:2]
         if n != self.seq_len:
             raise ValueError(f"got {n} tokens per image, model expects seq_len={self.seq_len}")
@@ -135,13 +137,15 @@ class MaskedTransformer(nn.Module):
             x = self.encoder_blocks(x, None, deterministic, rope)
             x = self.encoder_norm(x)
             if self.dec_depth == 0:
-                return self._finish(x)
+                z = self._finish(x)
+                return z if read is None else gather_rows(z, read.order)
             x = self.decoder_embed(x)
         if self.pos_emb == "learned":
             x = x + self.decoder_pos_embed_learned.astype(dt)
-        x = self.decoder_blocks(x, None, deterministic, rope)
-        x = self.decoder_norm(x)
-        return self._finish(x)
+        if read is None:
+            return self._finish(self.decoder_norm(self.decoder_blocks(x, None, deterministic, rope)))
+        x = self.decoder_blocks(x, None, deterministic, rope, read=read._replace(order=read.order + nb))
+        return self._finish(self.decoder_norm(x), read.order)
 
     def encoder_rungs(self) -> tuple[int, ...]:
         """The encoder's capacity ladder; the last rung is the full (exact) capacity."""
@@ -178,9 +182,14 @@ class MaskedTransformer(nn.Module):
         full = jnp.zeros((b, total + 1, self.width), x.dtype)
         return put_rows(full, pos, x)[:, :total]
 
-    def _finish(self, x):
-        """Drops the buffer tokens, adds the head's position embedding: [B, L, D] -> [B, N, D]."""
-        x = constrain_rows(x[:, self.buffer_size:])
+    def _finish(self, x, positions=None):
+        """Drops the buffer tokens, adds the head's position embedding: [B, L, D] -> [B, N, D];
+        or, with ``positions`` [B, R], x [B, R, D] already holds those token positions."""
+        if positions is None:
+            x = constrain_rows(x[:, self.buffer_size:])
         if self.pos_emb == "learned":
-            x = x + self.diffusion_pos_embed_learned.astype(self.dtype)
+            pos = self.diffusion_pos_embed_learned.astype(self.dtype)  # [1, N, D]
+            if positions is not None:
+                pos = jnp.take(pos[0], positions, axis=0)  # [B, R, D]
+            x = x + pos
         return x

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from emigm_jax.buckets import gather_rows, switch_on_count
 from emigm_jax.sharding import constrain_rows, gather_weights
 
 LN_EPS = 1e-6
@@ -188,12 +189,15 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
                  rope: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 cache_index=None):
+                 cache_index=None, rows: Optional[jax.Array] = None):
         # x: [B, L, D]; key_mask: [B, L] bool, True = token may be attended to;
         # rope: [B, L, hd/2] rotation angles, a RopeTable, or None; cache: keys/values of earlier
-        # positions, x then holds positions cache_index..cache_index+L-1 (causal).
-        # Returns out [B, L, D], or (out, updated cache) when a cache is given.
+        # positions, x then holds positions cache_index..cache_index+L-1 (causal);
+        # rows: [B, R] int, only these query rows are computed (every position stays a key).
+        # Returns out [B, L or R, D], or (out, updated cache) when a cache is given.
         b, l, d = x.shape
+        if rows is not None and (cache is not None or self.causal):
+            raise ValueError("query rows are for bidirectional attention without a KV cache")
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
         hd = d // self.num_heads
@@ -213,7 +217,10 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
                                                     cache_index, axis=1)
             cache, offset = KVCache(k, v), cache_index
-        allowed = allowed_keys(key_mask, self.causal or cache is not None, l, k.shape[1],
+        if rows is not None:
+            q = gather_rows(q, rows)  # [B, R, H, hd]
+        lq = q.shape[1]
+        allowed = allowed_keys(key_mask, self.causal or cache is not None, lq, k.shape[1],
                                offset)
         mask = None if allowed is None else allowed[:, None]  # [B or 1, 1, Lq, Lk]
         if self.attn_dropout > 0 and not deterministic:
@@ -222,7 +229,7 @@ class Attention(nn.Module):
             out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
             out = fused_attention(q, k, v, mask)
-        out = out.reshape(b, l, d)
+        out = out.reshape(b, lq, d)
         out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
             out = nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
@@ -279,16 +286,19 @@ class ViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
                  rope: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 cache_index=None):
-        # x: [B, L, D]; with a cache returns (x, updated cache) (see Attention)
+                 cache_index=None, rows: Optional[jax.Array] = None):
+        # x: [B, L, D] -> [B, L, D]; with a cache returns (x, updated cache) (see Attention);
+        # with rows [B, R] only those rows' outputs [B, R, D] (all L rows are still keys)
         d = x.shape[-1]
         llama, eps = self.kind == "llama", self.norm_eps
         h = block_norm(self.kind, "norm1", self.dtype, eps)(x)
         h = Attention(self.num_heads, self.attn_dropout, self.proj_dropout, not llama,
                       self.qk_norm, self.kind, self.dtype, self.causal, eps, self.rope_pairing,
-                      name="attn")(h, key_mask, deterministic, rope, cache, cache_index)
+                      name="attn")(h, key_mask, deterministic, rope, cache, cache_index, rows)
         if cache is not None:
             h, cache = h
+        if rows is not None:
+            x = gather_rows(x, rows)
         if self.post_norm:
             h = block_norm(self.kind, "post_norm1", self.dtype, eps)(h)
         x = x + h
@@ -301,6 +311,20 @@ class ViTBlock(nn.Module):
         if self.post_norm:
             h = block_norm(self.kind, "post_norm2", self.dtype, eps)(h)
         return x + h if cache is None else (x + h, cache)
+
+
+class ReadRows(NamedTuple):
+    """The outputs a caller will read: the first ``count`` rows of ``order``.
+
+    Why: the sampler reads z only at the tokens it reveals, and only the last block's queries
+    depend on which rows are read (every row is still a key). The last block therefore runs
+    its queries on the smallest rung of ``rungs`` holding ``count`` (one ``lax.switch``
+    branch per rung, only the chosen one executes); the outputs come back in ``order``'s
+    order, zero-padded to ``order``'s length (the top rung).
+    """
+    order: jax.Array       # [B, R_top] int32 rows to read, in the order they are returned
+    count: jax.Array       # [] int32 rows actually read (<= R_top)
+    rungs: tuple           # static query capacities, increasing, last = R_top
 
 
 class BlockStack(ViTBlock):
@@ -323,17 +347,21 @@ class BlockStack(ViTBlock):
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None, deterministic: bool = True,
                  rope: Optional[jax.Array] = None, caches: Optional[tuple] = None,
-                 cache_index=None):
+                 cache_index=None, read: Optional[ReadRows] = None):
         """x [B, L, D] -> [B, L, D]; with ``caches`` (one KVCache per block, unrolled layout
-        only) -> (x, caches). key_mask: [B, L] bool or None; rope: [B, L, hd/2] angles, a
-        RopeTable, or None."""
+        only) -> (x, caches); with ``read`` (inference) -> [B, R_top, D] (see ReadRows).
+        key_mask: [B, L] bool or None; rope: [B, L, hd/2] angles, a RopeTable, or None."""
+        args = (self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
+                self.dtype, self.kind, self.qk_norm, self.post_norm, self.causal,
+                self.rope_pairing, self.norm_eps)
+        if read is not None:
+            if caches is not None or self.is_initializing():
+                raise ValueError("ReadRows is for applying initialised blocks without caches")
+            return self._read(args, constrain_rows(x), key_mask, rope, read)
         block_cls = nn.remat(ViTBlock, static_argnums=(3,)) if self.remat else ViTBlock
         block_cls = nn.map_variables(block_cls, "params",
                                      trans_in_fn=functools.partial(gather_weights, dtype=self.dtype),
                                      init=self.is_initializing())
-        args = (self.num_heads, self.mlp_ratio, self.attn_dropout, self.proj_dropout,
-                self.dtype, self.kind, self.qk_norm, self.post_norm, self.causal,
-                self.rope_pairing, self.norm_eps)
         x = constrain_rows(x)
         if not self.scan:
             return self._unrolled(block_cls, args, x, key_mask, deterministic, rope, caches,
@@ -362,3 +390,34 @@ class BlockStack(ViTBlock):
                 new_caches.append(cache)
             x = constrain_rows(x)
         return x if caches is None else (x, tuple(new_caches))
+
+    def _read(self, args, x, key_mask, rope, read: ReadRows):
+        """Every block but the last on all rows, the last on the rows read (ReadRows).
+
+        The blocks are applied from this stack's own parameters (either layout), each
+        gathering its weights where it runs as in the plain path.
+        """
+        block, params = ViTBlock(*args), self.variables["params"]
+
+        def apply(p, x, rows=None):
+            p = gather_weights(p, dtype=self.dtype)
+            return block.apply({"params": p}, x, key_mask, True, rope, None, None, rows)
+
+        if self.scan:
+            stacked = params[self.prefix]
+            x, _ = jax.lax.scan(lambda x, p: (constrain_rows(apply(p, x)), None), x,
+                                jax.tree_util.tree_map(lambda a: a[:-1], stacked))
+            last = jax.tree_util.tree_map(lambda a: a[-1], stacked)
+        else:
+            for i in range(self.depth - 1):
+                x = constrain_rows(apply(params[f"{self.prefix}_{i}"], x))
+            last = params[f"{self.prefix}_{self.depth - 1}"]
+        top = read.order.shape[1]
+
+        def at(r: int):
+            def run(x):
+                out = apply(last, x, read.order[:, :r])  # [B, r, D]
+                return jnp.pad(out, ((0, 0), (0, top - r), (0, 0)))
+            return run
+
+        return constrain_rows(switch_on_count(read.count, read.rungs, at, x))

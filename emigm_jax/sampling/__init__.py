@@ -8,9 +8,10 @@ from emigm_jax.sampling.draws import (CFG_SCHEDULES, cfg_probs_logits, cfg_weigh
 from emigm_jax.sampling.plan import (HEAD_CAPACITIES, MGT_SOLVERS, Z_SAMPLINGS,
                                      Z_SCORE_PASSES, CompanionOptions, StepPlan,
                                      ar_prefix_length, companion_options, expected_nfe,
-                                     guided_steps, head_chunk, head_ladder, make_plan,
-                                     momentum_coefficients, reveal_probabilities, step_nfe,
-                                     time_grid, z_sampling_steps, z_score_passes)
+                                     guided_steps, head_chunk, head_ladder, head_rows,
+                                     make_plan, momentum_coefficients, read_ladder,
+                                     reveal_probabilities, step_nfe, time_grid,
+                                     z_sampling_steps, z_score_passes)
 from emigm_jax.sampling.generate import (GeneratedBatch, GenerationTimes, generate,
                                         generate_batches, sample_batch_size)
 from emigm_jax.sampling.sampler import SamplerState, make_sampler, sample
@@ -20,7 +21,8 @@ __all__ = [
     "CompanionOptions", "GeneratedBatch", "GenerationTimes", "generate", "generate_batches",
     "sample_batch_size", "SamplerState", "StepPlan", "ar_prefix_length", "cfg_probs_logits",
     "cfg_weight", "companion_options", "differential_draw", "expected_nfe", "filter_logits",
-    "guided_steps", "gumbel_scale", "head_chunk", "head_ladder", "log_or_min", "make_plan",
+    "guided_steps", "gumbel_scale", "head_chunk", "head_ladder", "head_rows", "log_or_min",
+    "make_plan", "read_ladder",
     "make_sampler", "momentum_coefficients", "momentum_probs", "noise_reg_strength",
     "reveal_probabilities", "sample", "step_nfe", "time_grid", "z_sampling_steps",
     "z_score_passes",

@@ -1,15 +1,18 @@
 """The diffusion head's draw of the tokens revealed at one step, with CFG on epsilon.
 
-The head only runs on the revealed tokens: a ``lax.fori_loop`` over chunks of ``chunk``
-tokens per sample, gathered in reveal order, so a step costs O(tokens revealed) as in the
-reference instead of O(N). The reveal count is shared by the batch, so every device runs
-the same number of calls. Each position's initial noise is drawn per position, so the
-DPM-Solver path gives the same tokens for any chunk size (the DDPM path's per-step noise is
-drawn per chunk and does not have this property).
+The head only runs on the revealed tokens, in reveal order: ``lax.fori_loop`` calls of
+``chunk`` tokens per sample while more than a chunk is left, then one call for the
+remainder at the smallest rung of ``rungs`` (``plan.head_ladder``: 1, 2, 4, ... up to
+``chunk``; one ``lax.switch`` branch each) holding it. A step thus costs the revealed count
+rounded up only in its last call, as in the reference (which runs the head on exactly the
+revealed tokens). The reveal count is shared by the batch, so every device runs the same
+calls. Each position's initial noise is drawn per position, so the DPM-Solver path gives the
+same tokens for any chunking (the DDPM path's per-step noise is drawn per call and does not
+have this property).
 
-The chunk itself follows the revealed count: ``rungs`` (``plan.head_ladder``: powers of two
-up to ``chunk``) are compiled as ``lax.switch`` branches and the smallest one holding the
-count runs, so a 1-3 token reveal costs 1-4 rows per sample, not ``chunk``.
+The transformer output comes in reveal order (``transformer.ReadRows``: row i belongs to
+position ``order[:, i]``), so the head reads contiguous rows; the denoiser's time embedding
+is computed once per solver evaluation (all rows share the time).
 """
 from __future__ import annotations
 
@@ -54,68 +57,68 @@ def make_head_draw(sample_cfg, model, c: int, chunk: int,
                     ddpm_process=ddpm_process)
 
 
-def draw_at(hd: HeadDraw, params, z_c, z_u, w, noise, rng, guided: bool, idx):
-    """Draws the tokens at idx [B, cap] from their noise [B, N, C] -> [B, cap, C].
+def draw_at(hd: HeadDraw, params, zc, zu, w, x_t, rng, guided: bool):
+    """Draws tokens from their conditions zc, zu [B, R, D] and noise x_t [B, R, C] -> [B, R, C].
 
     Guided: conditional and unconditional rows share x (the same noise) and
     eps = eps_u + w (eps_c - eps_u); the learned-variance half stays conditional.
     """
-    b, cap = idx.shape
-    c = hd.c
-    zc = gather_rows(z_c, idx).reshape(b * cap, -1)
-    zu = gather_rows(z_u, idx).reshape(b * cap, -1) if guided else None
-    x_t = gather_rows(noise, idx).reshape(b * cap, c)
+    b, r, c = x_t.shape
+    zc = zc.reshape(b * r, -1)
+    zu = zu.reshape(b * r, -1) if guided else None
     params = gather_weights(params, True, hd.model.dtype)  # FSDP: the head's weights
     apply = functools.partial(hd.model.apply, {"params": params}, method="head")
 
-    def head(x, t):  # [M, C], [M] -> [M, 2C]
+    def head(x, t):  # [M, C], [M] (one solver time for all rows) -> [M, 2C]
+        t = t[:1]  # the time embedding once, broadcast over the rows
         if not guided:
             return apply(x, t, zc)
-        oc, ou = jnp.split(apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                                 jnp.concatenate([zc, zu])), 2)
+        oc, ou = jnp.split(apply(jnp.concatenate([x, x]), t, jnp.concatenate([zc, zu])), 2)
         return jnp.concatenate([ou[:, :c] + w * (oc[:, :c] - ou[:, :c]), oc[:, c:]], axis=1)
 
+    x_t = x_t.reshape(b * r, c)
     if hd.head_sampler == "dpm_solver":
         x0 = dpm_solver.run_plan(lambda x, t: head(x, t)[:, :c], x_t, hd.solver_plan)
     else:
         x0 = ddpm_lib.ddpm_sample(head, x_t, rng, hd.ddpm_process, hd.temperature)
-    return x0.reshape(b, cap, c)
-
-
-def chunked_draw(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, guided: bool,
-                 ch: int = 0):
-    """Values [B, N, C] for the first ``count`` positions of ``order`` [B, N] (others 0).
-
-    ceil(count / ch) head calls of ``ch`` (default ``hd.chunk``) tokens per sample; the last
-    chunk is padded with a dump row n.
-    """
-    b, n = order.shape
-    ch = ch or hd.chunk
-    order_pad = jnp.concatenate([order, jnp.full((b, ch), n, order.dtype)], axis=1)
-
-    def body(j, out):
-        start = j * ch
-        idx = jax.lax.dynamic_slice_in_dim(order_pad, start, ch, axis=1)
-        valid = (start + jnp.arange(ch) < count)[None, :]  # [1, ch]
-        vals = draw_at(hd, params, z_c, z_u, w, noise, jax.random.fold_in(key, j), guided,
-                       jnp.minimum(idx, n - 1))
-        pos = jnp.where(valid, idx, n)  # [B, ch]; n = dump row
-        return put_rows(out, pos, vals)
-
-    n_calls = (count + ch - 1) // ch
-    out = jnp.zeros((b, n + 1, hd.c), jnp.float32)
-    return jax.lax.fori_loop(0, n_calls, body, out)[:, :n]
+    return x0.reshape(b, r, c)
 
 
 def revealed_values(hd: HeadDraw, params, z_c, z_u, w, noise, order, count, key, guided,
                     guidance: bool):
-    """``chunked_draw`` at the smallest chunk rung holding ``count``, with the unconditional
-    half only on guided steps (``lax.cond``)."""
+    """Values [B, N, C] at the first ``count`` positions of ``order`` [B, N] (others 0).
+
+    z_c, z_u: [B, N, D] in reveal order (row i conditions position order[:, i]); noise
+    [B, N, C] by position. ``(count - 1) // chunk`` calls of ``chunk`` rows per sample, then
+    the remainder at its rung; the unconditional half only on guided steps (``lax.cond``).
+    """
+    b, n = order.shape
+    ch = hd.chunk
+    pad = lambda a, fill: jnp.concatenate([a, jnp.full((b, ch) + a.shape[2:], fill, a.dtype)],
+                                          axis=1)
+    order_pad, zc_pad, zu_pad = pad(order, n), pad(z_c, 0), pad(z_u, 0)
+    full_calls = jnp.maximum(count - 1, 0) // ch
+
+    def call(with_uncond: bool, start, size: int, j, out):
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+        idx = rows(order_pad)  # [B, size] positions; n = padding
+        x_t = gather_rows(noise, jnp.minimum(idx, n - 1))
+        vals = draw_at(hd, params, rows(zc_pad), rows(zu_pad), w, x_t,
+                       jax.random.fold_in(key, j), with_uncond)
+        valid = (start + jnp.arange(size) < count)[None, :]  # [1, size]
+        return put_rows(out, jnp.where(valid, idx, n), vals)  # n = dump row
+
     def run(with_uncond: bool):
-        def at(ch):
-            return lambda: chunked_draw(hd, params, z_c, z_u, w, noise, order, count, key,
-                                        with_uncond, ch)
-        return lambda _: switch_on_count(count, hd.rungs, at)
+        def values(_):
+            out = jnp.zeros((b, n + 1, hd.c), jnp.float32)
+            out = jax.lax.fori_loop(
+                0, full_calls, lambda j, o: call(with_uncond, j * ch, ch, j, o), out)
+            start = full_calls * ch
+
+            def remainder(size: int):
+                return lambda o: call(with_uncond, start, size, full_calls, o)
+            return switch_on_count(count - start, hd.rungs, remainder, out)[:, :n]
+        return values
 
     if not guidance:
         return run(False)(None)

@@ -229,14 +229,44 @@ def momentum_coefficients(sample_cfg, schedule: MaskSchedule | None = None) -> n
     return c
 
 
+def powers_of_two_to(top: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``top``, then ``top``."""
+    return tuple(sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top}))
+
+
 def head_ladder(sample_cfg, n: int) -> tuple[int, ...]:
-    """Chunk sizes the head's draw is compiled for: 1, 2, 4, ... below ``head_chunk``, then
-    the chunk. Each step runs the smallest one holding its revealed count (``head_capacity=
-    'full'``: the one size N). Same tokens for any of them on the DPM-Solver path."""
+    """Sizes of the head's last call of a step (the remainder after full chunks): 1, 2, 4,
+    ... below ``head_chunk``, then the chunk; the smallest one holding the remainder runs
+    (``head_capacity='full'``: the one size N). Same tokens for any of them on the
+    DPM-Solver path."""
     chunk = head_chunk(sample_cfg, n)
     if sample_cfg.get("head_capacity", "auto") == "full":
         return (chunk,)
-    return tuple(sorted({1 << i for i in range(chunk.bit_length()) if 1 << i < chunk} | {chunk}))
+    return powers_of_two_to(chunk)
+
+
+def read_ladder(sample_cfg, n: int) -> tuple[int, ...]:
+    """Query-row capacities of the decoder's last block (``transformer.ReadRows``): 1, 2, 4,
+    ... up to N; each step computes that block only for the smallest rung holding its
+    revealed count. ``head_capacity='full'``: () (every row, the exact fallback)."""
+    if sample_cfg.get("head_capacity", "auto") == "full":
+        return ()
+    return powers_of_two_to(n)
+
+
+def head_rows(sample_cfg, n: int, count: int) -> int:
+    """Rows per sample the head runs for a reveal of ``count`` tokens: full chunks, then the
+    smallest ``head_ladder`` rung holding the remainder (``head_draw.revealed_values``)."""
+    chunk, rungs = head_chunk(sample_cfg, n), head_ladder(sample_cfg, n)
+    full = max(count - 1, 0) // chunk
+    rest = count - full * chunk
+    return full * chunk + rung_at(rungs, rest)
+
+
+def rung_at(rungs: tuple[int, ...], count: int) -> int:
+    """The smallest rung holding ``count`` (the top one when none does); host-side twin of
+    ``buckets.rung_index``."""
+    return min([r for r in rungs if r >= count] or [rungs[-1]])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,14 +15,17 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from emigm_jax.buckets import gather_rows
 from emigm_jax.config_validation import ConfigError, validate_config
 from emigm_jax.masking import row_ranks
 from emigm_jax.models import build_model, seq_len, token_dim
+from emigm_jax.models.transformer import ReadRows
 from emigm_jax.sampling import draws
 from emigm_jax.sampling.head_draw import HeadDraw, make_head_draw, revealed_values
 from emigm_jax.sampling.plan import (CompanionOptions, StepPlan, ar_prefix_length,
                                      companion_options, head_ladder, make_plan,
-                                     momentum_coefficients, z_sampling_steps, z_score_passes)
+                                     momentum_coefficients, read_ladder, z_sampling_steps,
+                                     z_score_passes)
 from emigm_jax.sharding import gather_weights
 
 
@@ -52,7 +55,7 @@ class StepInputs:
 class SamplerSpec:
     """Everything static about one config's sampler."""
     model: Any
-    net: Callable          # (params, tokens, mask, labels, t [B]) -> z [B, N, D]
+    net: Callable          # (params, tokens, mask, labels, t [B], read) -> z [B, N, D]
     n: int
     c: int
     vocab: int             # 0 for the diffusion head
@@ -63,6 +66,7 @@ class SamplerSpec:
     t_after: jax.Array     # [K] time of the state after step k
     head: HeadDraw | None
     prefix: int = 0        # raster positions committed before step 0 (sample.ar_prefix)
+    read_rungs: tuple = ()  # decoder's last-block query rungs (ReadRows); () = every row
 
     @property
     def categorical(self) -> bool:
@@ -86,29 +90,42 @@ def step_uniforms(spec: SamplerSpec, key, b: int):
     return jax.random.uniform(key, (b * spec.n * spec.num_features,), jnp.float32).reshape(shape)
 
 
-def transformer_pass(spec: SamplerSpec, params, labels, state: SamplerState, xs: StepInputs):
-    """(z_c, z_u) [B, N, D] float32; z_u is zeros unless the step is guided."""
+def transformer_pass(spec: SamplerSpec, params, labels, state: SamplerState, xs: StepInputs,
+                     order=None, count=None):
+    """(z_c, z_u) [B, N, D] float32; z_u is zeros unless the step is guided.
+
+    With ``order`` [B, N] the rows come in that order, and only the first ``count`` are
+    meaningful: the decoder's last block computes just those (``spec.read_rungs``).
+    """
     tokens, mask = state.tokens, state.mask
     t_now = jnp.full((tokens.shape[0],), spec.t_before[xs.k.astype(jnp.int32)])
+    read = None
+    if order is not None and spec.read_rungs:
+        read = ReadRows(order, count, spec.read_rungs)
 
     def cond_only(_):
-        z = spec.net(params, tokens, mask, labels, t_now)
+        z = spec.net(params, tokens, mask, labels, t_now, read)
         return z, jnp.zeros_like(z)
 
     def cond_and_uncond(_):
-        return tuple(jnp.split(both_passes(spec, params, tokens, mask, labels, t_now), 2))
+        return tuple(jnp.split(both_passes(spec, params, tokens, mask, labels, t_now, read), 2))
 
     if spec.guidance:
         z_c, z_u = jax.lax.cond(xs.guided, cond_and_uncond, cond_only, None)
     else:
         z_c, z_u = cond_only(None)
+    if order is not None and read is None:
+        z_c, z_u = gather_rows(z_c, order), gather_rows(z_u, order)
     return z_c.astype(jnp.float32), z_u.astype(jnp.float32)
 
 
-def both_passes(spec: SamplerSpec, params, tokens, mask, labels, t):
+def both_passes(spec: SamplerSpec, params, tokens, mask, labels, t, read=None):
     """z [2B, N, D] of one pass over the batch twice: with its labels, then unconditional."""
+    if read is not None:
+        read = read._replace(order=jnp.concatenate([read.order, read.order]))
     return spec.net(params, jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
-                    jnp.concatenate([labels, -jnp.ones_like(labels)]), jnp.concatenate([t, t]))
+                    jnp.concatenate([labels, -jnp.ones_like(labels)]), jnp.concatenate([t, t]),
+                    read)
 
 
 def cfg_logits(spec: SamplerSpec, lc, lu, w):
@@ -222,9 +239,10 @@ def categorical_step(spec, params, z_c, z_u, w, count, state: SamplerState, xs, 
     return state.replace(tokens=tokens, mask=state.mask & ~reveal, probs=probs, pred=pred)
 
 
-def diffusion_step(spec, params, z_c, z_u, w, count, state: SamplerState, xs, u):
-    """Tokens after a diffusion-head step: random order, the head draws only the revealed."""
-    reveal, order = reveal_positions(state.mask, u[..., 0], count)
+def diffusion_step(spec, params, z_c, z_u, w, count, state: SamplerState, xs, u, reveal,
+                   order):
+    """Tokens after a diffusion-head step: the head draws only the revealed, from z in
+    reveal ``order`` (``transformer_pass``)."""
     noise = draws.normal_from_uniform(u[..., 3:])  # [B, N, C]
     values = revealed_values(spec.head, params, z_c, z_u, w, noise, order, count, xs.key[1],
                              xs.guided, spec.guidance)
@@ -235,12 +253,16 @@ def diffusion_step(spec, params, z_c, z_u, w, count, state: SamplerState, xs, u)
 def mask_predict_step(spec: SamplerSpec, params, labels, state: SamplerState, xs: StepInputs):
     """One step t_k -> t_{k+1}: (new state, tokens revealed [])."""
     u = step_uniforms(spec, xs.key[0], state.tokens.shape[0])
-    z_c, z_u = transformer_pass(spec, params, labels, state, xs)
-    state = state.replace(nfe=state.nfe + 1 + xs.guided.astype(jnp.int32))
     count = reveal_count(spec, state.mask, xs, u)
     w = guidance_weight(spec, state.mask, count, xs.guided)
-    values_step = categorical_step if spec.categorical else diffusion_step
-    return values_step(spec, params, z_c, z_u, w, count, state, xs, u), count
+    if spec.categorical:
+        z_c, z_u = transformer_pass(spec, params, labels, state, xs)
+        after = categorical_step(spec, params, z_c, z_u, w, count, state, xs, u)
+    else:  # random order: the revealed positions are known before the pass
+        reveal, order = reveal_positions(state.mask, u[..., 0], count)
+        z_c, z_u = transformer_pass(spec, params, labels, state, xs, order, count)
+        after = diffusion_step(spec, params, z_c, z_u, w, count, state, xs, u, reveal, order)
+    return after.replace(nfe=state.nfe + 1 + xs.guided.astype(jnp.int32)), count
 
 
 def zigzag_remask(spec, params, labels, before: SamplerState, after: SamplerState, count,
@@ -345,15 +367,18 @@ def run_sampler(spec: SamplerSpec, params, labels, rng, prefix=None):
                           "masked_left": jnp.sum(state.mask)}
 
 
-def model_net(model, params, tokens, mask, labels, t):
-    """The transformer; ``t`` [B] (the state's time) reaches only an ETM network."""
+def model_net(model, params, tokens, mask, labels, t, read=None):
+    """The transformer; ``t`` [B] (the state's time) reaches only an ETM network; ``read``:
+    ``ReadRows`` (z in read order, the last decoder block on those rows only)."""
     params = gather_weights(params, True, model.dtype)  # FSDP: blocks gather per layer
-    return model.apply({"params": params}, tokens, mask, labels, t=t, method="transformer")
+    return model.apply({"params": params}, tokens, mask, labels, t=t, read=read,
+                       method="transformer")
 
 
-def stand_in_net(transformer_fn, params, tokens, mask, labels, t):
-    """A test stand-in ``(params, tokens, mask, labels) -> z``: it takes no time."""
-    del t
+def stand_in_net(transformer_fn, params, tokens, mask, labels, t, read=None):
+    """A test stand-in ``(params, tokens, mask, labels) -> z``: it takes no time (and no
+    ``read``: the sampler spec of a stand-in has no read rungs)."""
+    del t, read
     return transformer_fn(params, tokens, mask, labels)
 
 
@@ -374,10 +399,12 @@ def build_spec(config, transformer_fn: Callable | None = None) -> SamplerSpec:
     if prefix and not categorical:
         raise ConfigError(f"config.sample.ar_prefix={sc.ar_prefix!r} needs token ids from an "
                           "AR model: only available with model.head='categorical'")
+    read_rungs = () if categorical or transformer_fn is not None else read_ladder(sc, n)
     return SamplerSpec(model=model, net=net, n=n, c=c,
                        vocab=int(config.model.vocab_size) if categorical else 0, opts=opts,
                        plan=plan, sample_cfg=sc, t_before=jnp.asarray(plan.t, jnp.float32),
-                       t_after=jnp.asarray(plan.s, jnp.float32), head=head, prefix=prefix)
+                       t_after=jnp.asarray(plan.s, jnp.float32), head=head, prefix=prefix,
+                       read_rungs=read_rungs)
 
 
 _SAMPLERS: dict[str, Any] = {}
