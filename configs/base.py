@@ -38,7 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
         encoder_capacity=0,         # 0 = exact dropping for any mask (buffer + N slots)
         # Work-proportional encoder: capacity rungs buffer + ceil(f * N) (plus the full one);
         # each step runs the smallest rung holding the batch's visible tokens. () = off.
-        encoder_buckets=(1 / 16, 1 / 8, 1 / 4, 3 / 8, 5 / 8),
+        # Sampling always uses it (train.ladders: training too). Fine at the bottom, where
+        # the exp schedule's first steps see a few tokens, and at 1/2, 3/4 for the last steps;
+        # each rung is one more compiled encoder (benchmarks/RESULTS.md, issue 17).
+        encoder_buckets=(1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4),
         # Training head loss on masked rows only: row rungs ceil(f * N) per sample. () = off.
         loss_buckets=(3 / 4, 7 / 8),
         single_reference_semantics=False,

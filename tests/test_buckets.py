@@ -41,10 +41,11 @@ def test_count_ladder_and_rung_index():
 
 def test_default_ladders_and_validation():
     c = tiny_config(ladders=True)  # 16 tokens, 4 buffers
-    assert encoder_ladder(c) == (5, 6, 8, 10, 14, 20)
+    assert encoder_ladder(c) == (5, 6, 7, 8, 10, 12, 14, 16, 20)
     assert encoder_ladder(tiny_config(arch="single", ladders=True)) == (20,)
     from configs import emigm_xs_256
-    assert encoder_ladder(emigm_xs_256.get_config()) == (80, 96, 128, 160, 224, 320)
+    assert encoder_ladder(emigm_xs_256.get_config()) == (72, 80, 96, 112, 128, 160, 192, 224,
+                                                         256, 320)
     for bad in ((0.5, 0.25), (0.0, 0.5), (0.5, 1.0), ("x",)):
         c.model.encoder_buckets = bad
         with pytest.raises(ConfigError, match="model.encoder_buckets"):
@@ -137,6 +138,8 @@ def test_sampling_with_ladders_equals_full_capacity(name, head, sample):
         c.sample[k] = v
     c.sample.head_capacity = "auto"
     c.sample.head_chunk = 4  # reveals of 5-16 tokens: full chunks, then the remainder's rung
+    c.model.encoder_buckets = (0.25, 0.5)  # 3 rungs (each is one more compiled encoder); the
+    # default ladder: test_head_remainder_and_read_rows_equal_full_capacity
     params = _perturbed(c)
     full = _full(c)
     full.sample.head_capacity = "full"

@@ -51,7 +51,8 @@ RECORDED_WITH = {"configs.digits": {
     "model.loss_buckets": (3 / 4, 7 / 8), "sample.num_iter": 8, "sample.cfg_scale": 3.0},
     # random_params draws a scanned model's layers from other keys than an unrolled one's;
     # tests/test_scan_layers.py checks the two layouts agree on the same weights.
-    "configs.emigm_xs_256": {"model.scan_layers": False}}
+    "configs.emigm_xs_256": {"model.scan_layers": False, "model.encoder_buckets": (
+        1 / 16, 1 / 8, 1 / 4, 3 / 8, 5 / 8)}}
 
 
 def load_config(module: str, overrides: dict):
