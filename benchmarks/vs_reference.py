@@ -194,13 +194,14 @@ def _transformer_flops(cfg_json: str, cap: int, batch: int, read: int = 0) -> fl
 
 
 @functools.lru_cache(maxsize=None)
-def _head_eval_flops(cfg_json: str, rows: int) -> float:
-    """One head evaluation on ``rows`` rows at one shared solver time (as the sampler calls it)."""
+def _head_eval_flops(cfg_json: str, rows: int, shared_t: bool = True) -> float:
+    """One head evaluation on ``rows`` rows: at one shared solver time (the sampler) or at a
+    time per row (the training loss)."""
     config = _CONFIGS[cfg_json]
     model, ch, d = build_model(config), token_dim(config), config.model.width
     return cost_flops(lambda p, x, t, z: model.apply({"params": p}, x, t, z, method="head"),
-                      _PARAMS[cfg_json], jnp.zeros((rows, ch)), jnp.zeros((1,)),
-                      jnp.zeros((rows, d)))
+                      _PARAMS[cfg_json], jnp.zeros((rows, ch)),
+                      jnp.zeros((1 if shared_t else rows,)), jnp.zeros((rows, d)))
 
 
 _CONFIGS, _PARAMS = {}, {}
@@ -236,10 +237,12 @@ def ours_train_flops(config, params, masked: int, batch: int) -> float:
     _CONFIGS[key], _PARAMS[key] = config, params
     m, n = config.model, seq_len(config)
     rungs = encoder_ladder(config)
-    cap = rung_at(rungs, m.buffer_size + n - masked)
-    rows = rung_at(count_ladder(n, m.get("loss_buckets", ())), masked)
+    cap, rows = rungs[-1], n  # train.ladders off (the default): full capacity
+    if config.train.get("ladders", False):
+        cap = rung_at(rungs, m.buffer_size + n - masked)
+        rows = rung_at(count_ladder(n, m.get("loss_buckets", ())), masked)
     fwd = (_transformer_flops(key, cap, batch)
-           + _head_eval_flops(key, batch * rows * m.diffusion_batch_mul))
+           + _head_eval_flops(key, batch * rows * m.diffusion_batch_mul, False))
     return 3.0 * fwd / batch
 
 
