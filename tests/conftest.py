@@ -1,5 +1,7 @@
 """Shared test fixtures: tiny configs that compile in seconds on a CPU."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -14,12 +16,14 @@ if ROOT not in sys.path:
 # the main-job runs, the two-process run) share it. Many tests compile the same tiny programs
 # again in a fresh process; a cache hit loads the executable instead (test_checkpoint.py:
 # 193 -> 103 CPU s). A user's own JAX_COMPILATION_CACHE_DIR is kept.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="emigm-jax-xla-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller; workers inherit it
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="emigm-jax-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 
 def tiny_config(head: str = "diffusion", arch: str = "mae", ladders: bool = False):
     """``ladders``: keep base's encoder and loss ladders. Off by default because every ladder
-    rung is one more compiled branch of the train step (6 + 3 by default, several times the
+    rung is one more compiled branch of the train step (10 + 3 by default, several times the
     compile time of the plain step); tests/test_buckets.py proves the ladders exact and
     tests/test_golden.py and tests/test_plan.py run the shipped configs with them on."""
     from configs import base
