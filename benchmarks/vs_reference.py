@@ -61,14 +61,13 @@ from train_step import measured_peak_flops  # noqa: E402  (this folder, run as a
 from emigm_jax.config_files import load_config  # noqa: E402
 from emigm_jax import sampling, train  # noqa: E402
 from emigm_jax import sharding as shd  # noqa: E402
-from emigm_jax.buckets import count_ladder  # noqa: E402
+from emigm_jax.buckets import count_ladder, rung_at  # noqa: E402
 from emigm_jax.convert.emigm import convert_weights  # noqa: E402
 from emigm_jax.diffusion import dpm_solver  # noqa: E402
 from emigm_jax.models import (build_model, encoder_ladder, init_params, seq_len,  # noqa: E402
                               token_dim)
 from emigm_jax.models.transformer import ReadRows  # noqa: E402
 from emigm_jax.plan.hlo import matmul_flops  # noqa: E402
-from emigm_jax.sampling.plan import rung_at  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 

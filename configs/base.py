@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
         encoder_buckets=(1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4),
         # Training head loss on masked rows only: row rungs ceil(f * N) per sample. () = off.
         loss_buckets=(3 / 4, 7 / 8),
+        loss_capacity=0,            # head-loss rows per sample, 0 = N (exact for every mask)
         single_reference_semantics=False,
         block="vit",                # vit | llama (RMSNorm, SwiGLU, no biases)
         qk_norm=False,
@@ -96,10 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
         epochs=800,
         num_steps=-1,               # -1: epochs * steps_per_epoch
         grad_accum=1,
-        # Run the train step with model.encoder_buckets / loss_buckets (sampling always does).
-        # Off: under grad every rung keeps its residuals (eMIGM-H on v5p-256: 132 vs 54 GiB per
-        # chip) and the XS step on CPU is no faster (docs/ARCHITECTURE.md, work-proportional).
-        ladders=False,
+        # Train at the smallest model.encoder_buckets / loss_buckets rung holding each step's
+        # mask (drawn on the host; one compiled step per rung met, no lax.switch under grad).
+        # False: one full-capacity step (docs/ARCHITECTURE.md, work-proportional).
+        ladders=True,
         label_smoothing=0.0,
         max_nonfinite_steps=10,     # non-finite steps in a row that stop a run (0: the first)
         log_every=100,

@@ -37,6 +37,12 @@ def rung_index(need: jax.Array, rungs: Sequence[int]) -> jax.Array:
     return jnp.minimum(idx, len(rungs) - 1).astype(jnp.int32)
 
 
+def rung_at(rungs: Sequence[int], count: int) -> int:
+    """The smallest rung holding ``count`` (the top one when none does): the host-side twin of
+    ``rung_index``, for counts the host knows before it dispatches."""
+    return min([r for r in rungs if r >= count] or [rungs[-1]])
+
+
 def switch_on_count(need: jax.Array, rungs: Sequence[int],
                     branch: Callable[[int], Callable], *operands):
     """Runs ``branch(rung)(*operands)`` for the smallest rung holding ``need`` (a scalar).

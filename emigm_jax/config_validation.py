@@ -191,6 +191,9 @@ def _check_model(m, mask) -> int:
                  "model.encoder_capacity", m.encoder_capacity,
                  f">= buffer_size + seq_len - mask.min_masked = "
                  f"{total - mask.min_masked} (else kept tokens could be cut)")
+    loss_capacity = int(m.get("loss_capacity", 0))
+    _require(0 <= loss_capacity <= side * side, "model.loss_capacity", loss_capacity,
+             f"0 (exact) or in [1, {side * side}] (the train step sets it per rung)")
     for name in ("encoder_buckets", "loss_buckets"):
         reason = check_fractions(m.get(name, ()), f"model.{name}")
         if reason:

@@ -15,11 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from emigm_jax.buckets import (count_ladder, gather_rows, keep_first_order, put_rows,
-                               switch_on_count)
+from emigm_jax.buckets import gather_rows, keep_first_order, put_rows, switch_on_count
 from emigm_jax.diffusion import gaussian
-from emigm_jax.masking import sample_mask
-from emigm_jax.models import DTYPES, build_model
+from emigm_jax.masking import MaskDraw, sample_mask
+from emigm_jax.models import DTYPES, build_model, loss_ladder
 from emigm_jax.models.categorical_head import cross_entropy
 from emigm_jax.schedules import schedule_from_config
 from emigm_jax.sharding import constrain_rows, gather_weights
@@ -91,8 +90,19 @@ def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: i
     return switch_on_count(need, rungs, branch, x0, z, t, noise)
 
 
+def training_mask(rng: jax.Array, batch: int, n: int, config) -> MaskDraw:
+    """The mask ``loss_fn`` draws from its key ``rng`` for a batch of ``batch`` sequences.
+
+    The host makes the same draw from the same key (``emigm_jax.train.StepDispatch``) to learn
+    the step's visible and masked counts before it dispatches the step.
+    """
+    return sample_mask(jax.random.split(rng, 4)[0], batch, n, config.mask)
+
+
 def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
-    """Eq. 7 on one batch. batch: {'tokens': [B, N, C] float or [B, N] int, 'label': [B] int}.
+    """Eq. 7 on one batch. batch: {'tokens': [B, N, C] float or [B, N] int, 'label': [B] int},
+    optionally with the step's mask already drawn ('mask': [B, N] bool, 'mask_p': [B] float,
+    as ``training_mask`` draws them from ``rng``).
 
     Returns (loss scalar, metrics dict of scalars).
     """
@@ -102,9 +112,12 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
     params = gather_weights(params, skip_blocks=True, dtype=DTYPES[config.model.dtype])
     tokens, labels = batch["tokens"], batch["label"]
     b, n = tokens.shape[:2]
-    rng_mask, rng_drop, rng_dropout, rng_head = jax.random.split(rng, 4)
+    _, rng_drop, rng_dropout, rng_head = jax.random.split(rng, 4)
     schedule = schedule_from_config(config.mask)
-    draw = sample_mask(rng_mask, b, n, config.mask, schedule)
+    if "mask" in batch:
+        draw = MaskDraw(mask=batch["mask"], p=batch["mask_p"], ratio=schedule.gamma(batch["mask_p"]))
+    else:
+        draw = training_mask(rng, b, n, config)
     if train:
         labels = drop_labels(rng_drop, labels, config.model.label_drop_prob)
     z = model.apply({"params": params}, tokens, draw.mask, labels, deterministic=not train,
@@ -115,7 +128,7 @@ def loss_fn(params, batch, rng: jax.Array, config, train: bool = True):
         per_token, mse, vb = diffusion_token_loss(
             model, params, tokens.astype(jnp.float32), z, rng_head,
             config.model.diffusion_batch_mul, config.model.num_diffusion_steps, draw.mask,
-            count_ladder(n, config.model.loss_buckets))
+            loss_ladder(config))
     else:
         logits = model.apply({"params": params}, z, method="logits")
         per_token = cross_entropy(logits, tokens, config.train.label_smoothing)

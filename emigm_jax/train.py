@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import jax
@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from emigm_jax import losses, models
+from emigm_jax.buckets import rung_at
 from emigm_jax import sharding as shd
 from emigm_jax import workdir as workdir_lib
 from emigm_jax.checkpoint import Checkpointer, PreemptionWatcher
@@ -141,17 +142,37 @@ def _split_microbatches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
+def step_key(key_data: jax.Array, step: jax.Array) -> jax.Array:
+    """The step's key: a pure function of the run's key and the step number."""
+    return jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+
+
+def micro_key(step_rng: jax.Array, i, accum: int) -> jax.Array:
+    """The loss key of micro-batch ``i`` (the step's key itself without accumulation)."""
+    return step_rng if accum == 1 else jax.random.fold_in(step_rng, i)
+
+
+class StepRung(NamedTuple):
+    """The static sizes one compiled train step runs at (0: the config's full size)."""
+    encoder_capacity: int = 0  # encoder slots: buffer + visible tokens
+    loss_rows: int = 0         # head-loss rows per sample: masked tokens
+
+
+HOST_MASK_KEYS = ("mask", "mask_p")  # batch entries the host's mask draw adds
+
+
 def make_train_step(config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss_fn: LossFn | None = None, prepare_batch: PrepareFn | None = None
-                    ) -> Callable[..., tuple[TrainState, dict]]:
+                    loss_fn: LossFn | None = None, prepare_batch: PrepareFn | None = None,
+                    rung: StepRung = StepRung()) -> Callable[..., tuple[TrainState, dict]]:
     """Pure (state, batch[, aux]) -> (state, metrics); jit it with ``jit_train_step``.
 
-    ``prepare_batch(aux, batch, rng)`` runs first, on device, when the input pipeline yields
-    something other than tokens (images from a folder/TFDS source: ``aux`` holds the frozen
-    tokenizer weights that encode them).
+    The step is one plain program at ``rung`` (default: full capacity, exact for any mask);
+    ``StepDispatch`` picks the rung per step. ``prepare_batch(aux, batch, rng)`` runs first,
+    on device, when the input pipeline yields something other than tokens (images from a
+    folder/TFDS source: ``aux`` holds the frozen tokenizer weights that encode them).
     """
     loss_fn = losses.loss_fn if loss_fn is None else loss_fn
-    step_config = config if config.train.ladders else models.without_ladders(config)
+    step_config = models.at_rung(config, *rung)
     accum = int(config.train.grad_accum)
     ema_decay = float(config.optim.ema_decay)
 
@@ -161,9 +182,12 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
         return loss, metrics, grads
 
     def step_fn(state: TrainState, batch, aux=None) -> tuple[TrainState, dict]:
-        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        step_rng = step_key(state.rng, state.step)
         if prepare_batch is not None:
-            batch = prepare_batch(aux, batch, jax.random.fold_in(step_rng, _PREPARE_STREAM))
+            drawn = {k: batch[k] for k in HOST_MASK_KEYS if k in batch}
+            batch = prepare_batch(aux, {k: v for k, v in batch.items() if k not in drawn},
+                                  jax.random.fold_in(step_rng, _PREPARE_STREAM))
+            batch = {**batch, **drawn}
         if accum == 1:
             loss, metrics, grads = loss_and_grad(state.params, batch, step_rng)
         else:
@@ -171,7 +195,7 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule: o
 
             def body(carry, xs):
                 i, mb = xs
-                l, m, g = loss_and_grad(state.params, mb, jax.random.fold_in(step_rng, i))
+                l, m, g = loss_and_grad(state.params, mb, micro_key(step_rng, i, accum))
                 acc = jax.tree.map(jnp.add, carry, (l, m, g))
                 return acc, None
 
@@ -223,6 +247,103 @@ def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True, aux_shard
     return jax.jit(shd.with_mesh_context(step_fn, mesh), in_shardings=in_sh,
                    out_shardings=(state_sharding, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
+
+
+class StepDispatch:
+    """The train step as the loop calls it: (state, step, host-local batch[, aux]) ->
+    (state, metrics), with the batch put onto the mesh here.
+
+    Work-proportional training (``train.ladders``, eMIGM's own loss): the host draws the step's
+    mask from the step's key, the draw ``losses.training_mask`` makes on device (threefry, so
+    the same bits on every platform), hands it to the step with the batch, and calls the step
+    compiled for the smallest encoder rung holding buffer + the batch's most visible tokens and
+    the smallest loss rung holding its most masked tokens. Each program is plain, with no
+    ``lax.switch``: under ``grad`` a switch keeps every branch's residuals, which cancelled the
+    saving (docs/ARCHITECTURE.md). A rung compiles at its first use; at most
+    ``len(encoder_ladder) + len(loss_ladder)`` rungs occur when the batch shares its count.
+
+    Without ladders (or with a custom loss) there is one full-capacity program, and the step
+    draws its mask on device.
+    """
+
+    def __init__(self, config, build: Callable[[StepRung], Callable], mesh,
+                 key_data: np.ndarray | None):
+        self.config, self.mesh, self._build = config, mesh, build
+        self._steps: dict[StepRung, Callable] = {}
+        self.key_data = key_data  # None: the step draws its own mask (one program)
+        if key_data is not None:
+            self._cpu = jax.local_devices(backend="cpu")[0]
+            self._draw = jax.jit(functools.partial(_global_mask_draw, config))
+            self._key = jax.device_put(np.asarray(key_data, np.uint32), self._cpu)
+            self._ladders = (models.encoder_ladder(config),
+                             models.loss_ladder(config) if config.model.head == "diffusion"
+                             else (0,))
+
+    def host_mask(self, step: int) -> dict[str, np.ndarray]:
+        """The global batch's mask draw of ``step``: {'mask': [B, N] bool, 'mask_p': [B]}."""
+        mask, p = self._draw(self._key, jax.device_put(np.int32(step), self._cpu))
+        return {"mask": np.asarray(mask), "mask_p": np.asarray(p)}
+
+    def rung(self, mask: np.ndarray) -> StepRung:
+        """The smallest rungs holding buffer + the most visible, and the most masked, tokens."""
+        masked = mask.sum(axis=1)
+        enc, rows = self._ladders
+        need_enc = int(self.config.model.buffer_size) + int(mask.shape[1] - masked.min())
+        return StepRung(rung_at(enc, need_enc), rung_at(rows, int(masked.max())))
+
+    def step_for(self, rung: StepRung) -> Callable:
+        if rung not in self._steps:
+            if self._steps:
+                logging.info("train step: compiling rung %s (%d so far)", rung, len(self._steps))
+            self._steps[rung] = self._build(rung)
+        return self._steps[rung]
+
+    @property
+    def compiled_rungs(self) -> tuple[StepRung, ...]:
+        return tuple(self._steps)
+
+    def __call__(self, state: TrainState, step: int, local_batch, *aux):
+        if self.key_data is None:
+            return self.step_for(StepRung())(state, shd.global_batch(local_batch, self.mesh), *aux)
+        drawn = self.host_mask(step)
+        rung = self.rung(drawn["mask"])
+        b = len(jax.tree.leaves(local_batch)[0])  # this process's rows of the global batch
+        lo = jax.process_index() * b
+        local = {**local_batch, **{k: v[lo:lo + b] for k, v in drawn.items()}}
+        return self.step_for(rung)(state, shd.global_batch(local, self.mesh), *aux)
+
+
+def _global_mask_draw(config, key_data: jax.Array, step: jax.Array):
+    """(mask [B, N], p [B]) of the global batch at ``step``: micro-batch i's draw (key
+    ``micro_key``) on its rows i::k, as ``make_train_step`` splits them."""
+    accum, b = int(config.train.grad_accum), int(config.train.batch_size)
+    n, rng = models.seq_len(config), step_key(key_data, step)
+    draws = [losses.training_mask(micro_key(rng, i, accum), b // accum, n, config)
+             for i in range(accum)]
+    interleave = lambda xs: jnp.swapaxes(jnp.stack(xs), 0, 1).reshape((b,) + xs[0].shape[1:])
+    return interleave([d.mask for d in draws]), interleave([d.p for d in draws])
+
+
+def uses_host_masks(config, loss_fn: LossFn | None) -> bool:
+    """Whether ``StepDispatch`` draws masks on the host: ``train.ladders`` with eMIGM's loss
+    and a ladder of more than one rung."""
+    if not config.train.ladders or loss_fn is not None or config.model.arch == "ar":
+        return False
+    rows = models.loss_ladder(config) if config.model.head == "diffusion" else ()
+    return len(models.encoder_ladder(config)) > 1 or len(rows) > 1
+
+
+def make_step_dispatch(config, optimizer, schedule, mesh, state_sharding, key_data,
+                       loss_fn: LossFn | None = None, prepare_batch: PrepareFn | None = None,
+                       aux_sharding=None, donate: bool = True) -> StepDispatch:
+    """``StepDispatch`` over ``jit_train_step(make_train_step(...))`` programs; ``key_data``:
+    the state's ``rng`` as numpy (read once: it never changes during a run)."""
+    def build(rung: StepRung):
+        return jit_train_step(make_train_step(config, optimizer, schedule, loss_fn,
+                                              prepare_batch, rung),
+                              state_sharding, mesh, donate=donate, aux_sharding=aux_sharding)
+    host = uses_host_masks(config, loss_fn)
+    return StepDispatch(config, build, mesh, np.asarray(key_data) if host else None)
 
 
 def create_sharded_state(config, mesh, optimizer, init_params_fn: Callable[[jax.Array], Any],
@@ -307,7 +428,7 @@ class _Run:
     mesh: Any
     data_iter: Any
     total_steps: int
-    step_fn: Callable[..., tuple[TrainState, dict]]
+    step_fn: StepDispatch
     extra_args: tuple
     ckpt: Checkpointer
     state: TrainState
@@ -340,9 +461,9 @@ def _setup(config, workdir: str, loss_fn, init_params_fn, weight_decay_mask,
             logging.info("resumed from step %d in %s", restored[0], ckpt.directory)
         prepare, aux = (image_encoder(config, mesh) if config.data.source in IMAGE_SOURCES
                         else (None, None))
-        step_fn = jit_train_step(make_train_step(config, optimizer, schedule, loss_fn, prepare),
-                                 shardings, mesh,
-                                 aux_sharding=shd.replicated(mesh) if aux is not None else None)
+        step_fn = make_step_dispatch(
+            config, optimizer, schedule, mesh, shardings, shd.to_host(restored[1].rng), loss_fn,
+            prepare, aux_sharding=shd.replicated(mesh) if aux is not None else None)
     except BaseException:
         ckpt.close()
         raise
@@ -402,8 +523,7 @@ def _loop(config, workdir: str, run: _Run, hooks: Sequence[Hook], sample_fn,
     t_log, step_log, pending, last, preempted = clock.t0, step, [], {}, False
     try:
         while step < n_total:
-            state, metrics = run.step_fn(state, shd.global_batch(next(run.data_iter), run.mesh),
-                                         *run.extra_args)
+            state, metrics = run.step_fn(state, step, next(run.data_iter), *run.extra_args)
             step += 1
             pending.append(metrics)
             if len(pending) >= 2:

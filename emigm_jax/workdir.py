@@ -34,7 +34,7 @@ FIXED_PREFIXES = ("model.", "mask.", "tokenizer.name", "tokenizer.scale")
 # give the same loss and gradients as the full-capacity step, and the layer layout, which a
 # restore converts, see ``emigm_jax.checkpoint``): free to change.
 FREE_FIELDS = ("model.dtype", "model.remat", "model.encoder_buckets", "model.loss_buckets",
-               "model.scan_layers", "train.ladders")
+               "model.loss_capacity", "model.scan_layers", "train.ladders")
 # The optimizer's recipe (lr = base_lr * batch / 256, warmup, AdamW, EMA): changes are refused
 # unless the user accepts them explicitly.
 RECIPE_PREFIXES = ("train.batch_size", "optim.")

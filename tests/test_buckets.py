@@ -79,10 +79,11 @@ def test_bucketed_encoder_z_equals_full_capacity_for_many_masks():
     assert seen == set(range(len(encoder_ladder(c))))
 
 
-@pytest.mark.parametrize("t_per", ["batch", "sample"])
-def test_loss_and_every_gradient_equal_full_capacity(t_per):
+def test_loss_and_every_gradient_equal_full_capacity():
+    """``loss_fn`` with a ladder (``lax.switch`` over rungs), per-sample counts; the train
+    step's one-rung programs are checked by the host-dispatch test below."""
     c = tiny_config(ladders=True)
-    c.mask.t_per = t_per
+    c.mask.t_per = "sample"
     c.model.encoder_buckets, c.model.loss_buckets = (0.25,), (0.75,)  # 2 rungs each
     params = _perturbed(c)
     batch = {"tokens": jax.random.normal(jax.random.key(1), (4, 16, 3)),
@@ -181,3 +182,47 @@ def test_head_remainder_and_read_rows_equal_full_capacity():
     assert sampling.head_rows(c.sample, 16, 7) == 4 + 4 and sampling.head_rows(c.sample, 16, 9) == 8 + 1
     assert sampling.read_ladder(c.sample, 16) == (1, 2, 4, 8, 16)
     assert sampling.read_ladder(full.sample, 16) == ()
+
+
+def test_host_dispatched_train_steps_equal_the_full_capacity_step():
+    """train.ladders: the host draws each step's mask as the step itself would (micro-batches
+    on interleaved rows) and runs the step compiled for the smallest rungs holding it; the
+    metrics and parameters equal those of the full-capacity step, which draws on device."""
+    from emigm_jax import sharding as shd
+    from emigm_jax import train
+
+    c = tiny_config(ladders=True)
+    c.model.encoder_buckets, c.model.loss_buckets = (0.25,), (0.875,)  # rungs (8, 20), (14, 16)
+    c.train.grad_accum, c.mask.t_min = 2, 0.0
+    full = c.copy_and_resolve_references()
+    full.train.ladders = False
+    mesh = shd.make_mesh(c.mesh, jax.devices()[:1])
+    sched = train.lr_schedule(c, 1000)
+    opt = train.make_optimizer(c, sched)
+    params = _perturbed(c)
+    rng = np.random.RandomState(0)
+    batches = [{"tokens": rng.normal(size=(4, 16, 3)).astype(np.float32),
+                "label": rng.randint(0, 10, size=4).astype(np.int32)} for _ in range(2)]
+
+    def run(config):
+        state, _, sh = train.create_sharded_state(config, mesh, opt, lambda r: params)
+        dispatch = train.make_step_dispatch(config, opt, sched, mesh, sh,
+                                            shd.to_host(state.rng))
+        metrics = []
+        for step in range(10):  # steps 0-9 meet rungs (8, 16), (20, 16) and (20, 14)
+            state, m = dispatch(state, step, batches[step % 2])
+            metrics.append(jax.device_get(m))
+        return state, metrics, dispatch
+
+    s_host, m_host, d_host = run(c)
+    s_full, m_full, d_full = run(full)
+    assert d_full.compiled_rungs == (train.StepRung(),) and d_full.key_data is None
+    rungs = d_host.compiled_rungs
+    assert set(rungs) == {train.StepRung(8, 16), train.StepRung(20, 16), train.StepRung(20, 14)}
+    for a, b in zip(m_host, m_full):
+        assert a["mask_ratio"] == b["mask_ratio"] and a["t"] == b["t"]  # the same draw
+        for k in ("loss", "token_loss", "mse", "vb", "grad_norm"):
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-6, err_msg=k)
+    for x, y in zip(jax.tree_util.tree_leaves(s_host.params),
+                    jax.tree_util.tree_leaves(s_full.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)

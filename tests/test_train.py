@@ -172,22 +172,28 @@ def test_step_updates_ema_counts_and_reports_metrics():
     assert float(m_a["loss"]) != float(m_b["loss"])
 
 
-def test_train_step_runs_the_ladders_only_when_asked():
-    """train.ladders off (the default) hands the loss a full-capacity config; sampling keeps
-    model.encoder_buckets either way."""
+def test_train_step_is_one_program_at_its_rung():
+    """The step hands the loss a ladder-free config at its rung (full capacity by default),
+    whatever train.ladders says; sampling keeps model.encoder_buckets."""
     seen = []
 
     def spy(params, batch, rng, config, train=True):
-        seen.append((tuple(config.model.encoder_buckets), tuple(config.model.loss_buckets)))
+        m = config.model
+        seen.append((tuple(m.encoder_buckets), tuple(m.loss_buckets), m.encoder_capacity,
+                     m.loss_capacity))
         return toy_loss(params, batch, rng, config, train)
 
-    for on in (False, True):
+    for rung in (train.StepRung(), train.StepRung(12, 9)):
         c = tiny_digits_config({"model.encoder_buckets": (0.5,), "model.loss_buckets": (0.75,),
-                                "train.ladders": on})
-        _, step, state = _step_setup(c, spy)
-        step(state, toy_batch())
+                                "train.ladders": True})
+        sched = train.lr_schedule(c, 1000)
+        opt = train.make_optimizer(c, sched, toy_mask)
+        state = train.init_train_state(toy_init(jax.random.key(0)), opt, jax.random.key(1))
+        jax.jit(train.make_train_step(c, opt, sched, spy, rung=rung))(state, toy_batch())
         assert tuple(c.model.encoder_buckets) == (0.5,)  # the caller's config is untouched
-    assert seen == [((), ()), ((0.5,), (0.75,))]
+    assert seen == [((), (), 0, 0), ((), (), 12, 9)]
+    # a custom loss gets one full-capacity program, its mask drawn on device
+    assert not train.uses_host_masks(c, spy) and train.uses_host_masks(c, None)
 
 
 def test_nonfinite_steps_are_skipped_and_counted():

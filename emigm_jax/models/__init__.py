@@ -36,11 +36,28 @@ def encoder_ladder(config) -> tuple[int, ...]:
     return count_ladder(seq_len(config), m.encoder_buckets, m.buffer_size, top)
 
 
-def without_ladders(config):
-    """A copy of ``config`` that runs at full capacity (the train step when ``train.ladders``
-    is off)."""
+def loss_ladder(config) -> tuple[int, ...]:
+    """Training head-loss row rungs per sample (ceil(f * N) for f in ``model.loss_buckets``,
+    then ``model.loss_capacity`` or N); the last rung serves any masked count."""
+    n = seq_len(config)
+    return count_ladder(n, config.model.loss_buckets, top=config.model.get("loss_capacity", 0) or n)
+
+
+def at_rung(config, encoder_capacity: int = 0, loss_rows: int = 0):
+    """A copy of ``config`` whose train step is one plain program (no ``lax.switch``): the
+    encoder at ``encoder_capacity`` slots and the head loss on ``loss_rows`` rows per sample
+    (0: the config's top rung, the full capacity by default).
+
+    Why: under ``jax.grad`` a switch over rungs keeps every branch's residuals, so the train
+    step runs one rung per compiled program, chosen on the host (``train.StepDispatch``).
+    """
     config = config.copy_and_resolve_references()
-    config.model.encoder_buckets = config.model.loss_buckets = ()
+    m = config.model
+    m.encoder_buckets = m.loss_buckets = ()
+    if encoder_capacity:
+        m.encoder_capacity = int(encoder_capacity)
+    if loss_rows:
+        m.loss_capacity = int(loss_rows)
     return config
 
 

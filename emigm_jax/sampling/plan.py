@@ -24,6 +24,7 @@ import dataclasses
 
 import numpy as np
 
+from emigm_jax.buckets import rung_at
 from emigm_jax.config_validation import CHOICES, ConfigError
 from emigm_jax.schedules import MaskSchedule, schedule_from_config
 
@@ -261,12 +262,6 @@ def head_rows(sample_cfg, n: int, count: int) -> int:
     full = max(count - 1, 0) // chunk
     rest = count - full * chunk
     return full * chunk + rung_at(rungs, rest)
-
-
-def rung_at(rungs: tuple[int, ...], count: int) -> int:
-    """The smallest rung holding ``count`` (the top one when none does); host-side twin of
-    ``buckets.rung_index``."""
-    return min([r for r in rungs if r >= count] or [rungs[-1]])
 
 
 @dataclasses.dataclass(frozen=True)
