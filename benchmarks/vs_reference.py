@@ -10,10 +10,13 @@ the process, ``torch.set_num_threads``). Random weights are drawn for the refere
 (N(0, 0.02) on every tensor, so the zero-initialised head layers do real work) and converted
 to ours with ``emigm_jax.convert.emigm.convert_weights``.
 
-Timed, in one process: one train step at batch 8 (loss, backward, clip, AdamW, EMA) and the
-16-iteration preset on 8 images (``--iter128``: the 128-iteration preset once more). Printed:
+Timed, in one process: the train step at batch 8 (loss, backward, clip, AdamW, EMA; median of
+two) and the 16-iteration preset on 8 images (``--iter128``: the 128-iteration preset once more). Printed:
 both times and their ratio (ours / reference), executed FLOPs per image and achieved FLOP/s
-next to a 2048^3 XLA matmul measured in the same run.
+next to a 2048^3 XLA matmul measured in the same run. Both train steps see the same mask: the
+recipe's expected masked count per image (``--train_masked``), in the same positions (the
+reference's ``random_masking`` is replaced by that mask; ours takes it as the host's draw), so
+the time of one step stands for the mean step: both sides' work is linear in the count.
 
 FLOP accounting. Reference: forward hooks on every ``nn.Linear`` (2 * rows * in * out) and on
 every transformer block (attention matmuls 4 * B * T^2 * D), i.e. the token counts its calls
@@ -44,6 +47,9 @@ def parse_args():
     ap.add_argument("--iter128", action="store_true", help="also the many-step preset, once")
     ap.add_argument("--extra_path", default="", help="folder prepended to sys.path (timm)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: train,sample")
+    ap.add_argument("--train_masked", type=int, default=0,
+                    help="masked tokens per image in the timed train steps (both sides); "
+                         "0: the recipe's expected count")
     return ap.parse_args()
 
 
@@ -61,13 +67,14 @@ from train_step import measured_peak_flops  # noqa: E402  (this folder, run as a
 from emigm_jax.config_files import load_config  # noqa: E402
 from emigm_jax import sampling, train  # noqa: E402
 from emigm_jax import sharding as shd  # noqa: E402
-from emigm_jax.buckets import count_ladder, rung_at  # noqa: E402
+from emigm_jax.buckets import rung_at  # noqa: E402
 from emigm_jax.convert.emigm import convert_weights  # noqa: E402
 from emigm_jax.diffusion import dpm_solver  # noqa: E402
-from emigm_jax.models import (build_model, encoder_ladder, init_params, seq_len,  # noqa: E402
-                              token_dim)
+from emigm_jax.models import (build_model, encoder_ladder, init_params, loss_ladder,  # noqa: E402
+                              seq_len, token_dim)
 from emigm_jax.models.transformer import ReadRows  # noqa: E402
 from emigm_jax.plan.hlo import matmul_flops  # noqa: E402
+from emigm_jax.schedules import schedule_from_config  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -231,32 +238,56 @@ def ours_sampling_flops(config, params, counts: np.ndarray, images: int) -> floa
 
 
 def ours_train_flops(config, params, masked: int, batch: int) -> float:
-    """Executed FLOPs per image of one train step (3x forward) that masked ``masked`` tokens."""
+    """Executed FLOPs per image of one train step (3x forward) that masked ``masked`` tokens:
+    the rung ``train.StepDispatch`` runs (full capacity with ``train.ladders`` off)."""
     key = config.to_json()
     _CONFIGS[key], _PARAMS[key] = config, params
     m, n = config.model, seq_len(config)
-    rungs = encoder_ladder(config)
-    cap, rows = rungs[-1], n  # train.ladders off (the default): full capacity
-    if config.train.get("ladders", False):
-        cap = rung_at(rungs, m.buffer_size + n - masked)
-        rows = rung_at(count_ladder(n, m.get("loss_buckets", ())), masked)
+    cap, rows = encoder_ladder(config)[-1], loss_ladder(config)[-1]
+    if config.train.ladders:
+        cap = rung_at(encoder_ladder(config), m.buffer_size + n - masked)
+        rows = rung_at(loss_ladder(config), masked)
     fwd = (_transformer_flops(key, cap, batch)
            + _head_eval_flops(key, batch * rows * m.diffusion_batch_mul, False))
     return 3.0 * fwd / batch
 
 
-def ours_train(config, params, batch: int):
+def expected_masked(config, draws: int = 1_000_000) -> int:
+    """E[masked tokens] of one training draw (the recipe's t law and mask schedule)."""
+    mc = config.mask
+    t = np.random.default_rng(0).uniform(mc.t_eps, 1.0 - mc.t_eps, draws)
+    p = (1.0 - mc.p_eps) * np.maximum(t, mc.t_min) + mc.p_eps
+    gamma = np.asarray(schedule_from_config(mc).gamma(jnp.asarray(p, jnp.float32)))
+    return int(round(float(gamma.mean()) * seq_len(config)))
+
+
+def fixed_mask(batch: int, n: int, masked: int, seed: int = 1) -> np.ndarray:
+    """[B, N] bool: ``masked`` positions per row, each row its own random arrangement (the
+    reference's batch-shared count)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(n) < masked for _ in range(batch)])
+
+
+def ours_train(config, params, batch: int, mask: np.ndarray):
+    """A closure running our train step on ``mask`` (handed in as the host's draw would be),
+    at the rung ``StepDispatch`` picks for it."""
     config.train.batch_size = batch
     config.optim.warmup_steps = 0
     mesh = shd.make_mesh(config.mesh)
     sched = train.lr_schedule(config, 1_000_000)
     opt = train.make_optimizer(config, sched)
     state, _, shardings = train.create_sharded_state(config, mesh, opt, lambda r: params)
-    step = train.jit_train_step(train.make_train_step(config, opt, sched), shardings, mesh)
+    dispatch = train.make_step_dispatch(config, opt, sched, mesh, shardings,
+                                        shd.to_host(state.rng))
+    rung = dispatch.rung(mask) if dispatch.key_data is not None else train.StepRung()
+    step = dispatch.step_for(rung)
     rng = np.random.default_rng(1)
     n, c = seq_len(config), token_dim(config)
-    data = shd.global_batch({"tokens": rng.normal(size=(batch, n, c)).astype(np.float32),
-                             "label": rng.integers(0, 10, batch).astype(np.int32)}, mesh)
+    local = {"tokens": rng.normal(size=(batch, n, c)).astype(np.float32),
+             "label": rng.integers(0, 10, batch).astype(np.int32)}
+    if dispatch.key_data is not None:
+        local.update(mask=mask, mask_p=np.full((batch,), 0.5, np.float32))
+    data = shd.global_batch(local, mesh)
     t = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -267,7 +298,14 @@ def ours_train(config, params, batch: int):
         box[0], mets = step(box[0], data)
         jax.block_until_ready(mets)
         return mets
-    return run, first
+    return run, first, rung
+
+
+def reference_fixed_masking(model, mask: np.ndarray):
+    """Makes the reference's ``random_masking`` return ``mask`` (its count, our positions)."""
+    m = torch.from_numpy(mask.astype(np.float32))
+    p = torch.full(m.shape, 0.5)
+    model.random_masking = lambda x: (m, p, model.mask_strategy)
 
 
 def main() -> None:
@@ -286,19 +324,23 @@ def main() -> None:
     print(f"XLA 2048^3 fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
     rows = []
     if "train" not in skip:
+        masked = args.train_masked or expected_masked(config)
+        mask = fixed_mask(args.batch, seq_len(config), masked)
+        print(f"train steps mask {masked} of {seq_len(config)} tokens per image (both sides)")
+        reference_fixed_masking(ref, mask)
         step_ref = reference_train_step(ref, config, args.batch)
         step_ref()  # warm-up
         counter.flops = 0.0
-        _, t_ref = timed(step_ref)
-        f_ref = 3.0 * counter.flops / args.batch
+        _, t_ref = timed(step_ref, 2)
+        f_ref = 3.0 * counter.flops / args.batch / 2
         print(f"reference train step {t_ref:.2f}s, {f_ref / 1e9:.1f} GFLOP/image; load "
               f"{os.getloadavg()}", flush=True)
-        run, first = ours_train(config.copy_and_resolve_references(), params, args.batch)
+        run, first, rung = ours_train(config.copy_and_resolve_references(), params, args.batch,
+                                      mask)
         run()
-        mets, t_ours = timed(run, 2)
-        masked = round(float(mets["mask_ratio"]) * seq_len(config))
+        _, t_ours = timed(run, 2)
         f_ours = ours_train_flops(config, params, masked, args.batch)
-        print(f"ours: first step incl. compile {first:.1f}s; last step masked {masked} tokens")
+        print(f"ours: first step incl. compile {first:.1f}s at {rung}")
         print(f"train: reference {t_ref:.2f}s ours {t_ours:.2f}s", flush=True)
         rows.append(("train step, batch %d" % args.batch, t_ref, t_ours, f_ref, f_ours))
     presets = [("16-iteration preset", {})]

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from emigm_jax.buckets import gather_rows, switch_on_count
+from emigm_jax.models.dropout import Dropout
 from emigm_jax.sharding import constrain_rows, gather_weights
 
 LN_EPS = 1e-6
@@ -225,14 +226,14 @@ class Attention(nn.Module):
         mask = None if allowed is None else allowed[:, None]  # [B or 1, 1, Lq, Lk]
         if self.attn_dropout > 0 and not deterministic:
             probs = attention_probs(q, k, mask).astype(self.dtype)
-            probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
+            probs = Dropout(self.attn_dropout)(probs, deterministic=deterministic)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
             out = fused_attention(q, k, v, mask)
         out = out.reshape(b, lq, d)
         out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
-            out = nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
+            out = Dropout(self.proj_dropout)(out, deterministic=deterministic)
         return out if cache is None else (out, cache)
 
 
@@ -252,7 +253,7 @@ class Mlp(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         def drop(h):
             if self.dropout > 0:
-                return nn.Dropout(self.dropout)(h, deterministic=deterministic)
+                return Dropout(self.dropout)(h, deterministic=deterministic)
             return h
         return drop(self.project(drop(self.expand(x)), x.shape[-1]))
 
