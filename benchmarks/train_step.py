@@ -11,9 +11,10 @@ eMIGM-XS-256, global batch 8, fp32, CPU.
         --dtype=bfloat16 --peak_tflops=989   # e.g. one H100 (dense bf16)
 
 FLOP count (model FLOPs at full capacity, matmuls only, 2 per multiply-add; forward per
-image, x3 for forward + backward; the work-proportional encoder and head loss execute less,
+image, x3 for forward + backward; the work-proportional encoder and head loss execute less:
 by default the step runs the full-capacity program these formulas describe; ``--ladders``
-turns ``train.ladders`` on):
+times the rung ``train.ladders`` runs for the recipe's mean mask, and the MFU then counts the
+full-capacity FLOPs, i.e. it is an effective MFU):
   transformer block on T tokens of width D (MLP ratio r): 2*T*D^2*(4 + 2r) + 4*T^2*D
   encoder: enc_depth blocks on T_e = encoder_capacity (0 -> buffer + N) tokens
   decoder: dec_depth blocks on T_d = buffer + N tokens; z_proj 2*N*C*D; decoder_embed 2*T_e*D^2
@@ -40,6 +41,7 @@ from emigm_jax import sharding as shd
 from emigm_jax import train
 from emigm_jax.config_files import load_config
 from emigm_jax.models import init_params, param_count, seq_len, token_dim
+from emigm_jax.schedules import schedule_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +66,22 @@ def forward_flops_per_image(config) -> dict[str, float]:
     }
 
 
+def expected_masked(config, draws: int = 1_000_000) -> int:
+    """E[masked tokens] of one training draw (the recipe's t law and mask schedule)."""
+    mc = config.mask
+    t = np.random.default_rng(0).uniform(mc.t_eps, 1.0 - mc.t_eps, draws)
+    p = (1.0 - mc.p_eps) * np.maximum(t, mc.t_min) + mc.p_eps
+    gamma = np.asarray(schedule_from_config(mc).gamma(jnp.asarray(p, jnp.float32)))
+    return int(round(float(gamma.mean()) * seq_len(config)))
+
+
+def fixed_mask(batch: int, n: int, masked: int, seed: int = 1) -> np.ndarray:
+    """[B, N] bool: ``masked`` positions per row, each row its own random arrangement (the
+    reference's batch-shared count)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(n) < masked for _ in range(batch)])
+
+
 def measured_peak_flops(n: int = 2048, reps: int = 5) -> float:
     """Attainable float32 matmul FLOP/s on the default devices."""
     a = jnp.ones((n, n), jnp.float32)
@@ -84,8 +102,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--remat", action="store_true")
     ap.add_argument("--ladders", action="store_true",
-                    help="train.ladders on: the work-proportional encoder and head loss "
-                         "(model.encoder_buckets / loss_buckets); default full capacity")
+                    help="time the rung train.ladders runs for a mask with the recipe's "
+                         "expected masked count (model.encoder_buckets / loss_buckets); "
+                         "default the full-capacity step")
     ap.add_argument("--peak_tflops", type=float, default=None,
                     help="device peak in TFLOP/s for MFU (default: measured matmul peak)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -109,7 +128,15 @@ def main() -> None:
     opt = train.make_optimizer(config, sched)
     state, _, shardings = train.create_sharded_state(
         config, mesh, opt, lambda r: init_params(config, r))
-    step = train.jit_train_step(train.make_train_step(config, opt, sched), shardings, mesh)
+    dispatch = train.make_step_dispatch(config, opt, sched, mesh, shardings,
+                                        shd.to_host(state.rng))
+    rung = train.StepRung()
+    if dispatch.key_data is not None:
+        mask = fixed_mask(args.batch, n, expected_masked(config))
+        rung = dispatch.rung(mask)
+        batch.update(mask=mask, mask_p=np.full((args.batch,), 0.5, np.float32))
+        print(f"mask {int(mask[0].sum())} of {n} tokens: {rung}")
+    step = dispatch.step_for(rung)
     gbatch = shd.global_batch(batch, mesh)
 
     t0 = time.perf_counter()

@@ -63,7 +63,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from train_step import measured_peak_flops  # noqa: E402  (this folder, run as a script)
+from train_step import (expected_masked, fixed_mask,  # noqa: E402  (this folder, a script)
+                        measured_peak_flops)
 from emigm_jax.config_files import load_config  # noqa: E402
 from emigm_jax import sampling, train  # noqa: E402
 from emigm_jax import sharding as shd  # noqa: E402
@@ -74,7 +75,6 @@ from emigm_jax.models import (build_model, encoder_ladder, init_params, loss_lad
                               seq_len, token_dim)
 from emigm_jax.models.transformer import ReadRows  # noqa: E402
 from emigm_jax.plan.hlo import matmul_flops  # noqa: E402
-from emigm_jax.schedules import schedule_from_config  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -250,22 +250,6 @@ def ours_train_flops(config, params, masked: int, batch: int) -> float:
     fwd = (_transformer_flops(key, cap, batch)
            + _head_eval_flops(key, batch * rows * m.diffusion_batch_mul, False))
     return 3.0 * fwd / batch
-
-
-def expected_masked(config, draws: int = 1_000_000) -> int:
-    """E[masked tokens] of one training draw (the recipe's t law and mask schedule)."""
-    mc = config.mask
-    t = np.random.default_rng(0).uniform(mc.t_eps, 1.0 - mc.t_eps, draws)
-    p = (1.0 - mc.p_eps) * np.maximum(t, mc.t_min) + mc.p_eps
-    gamma = np.asarray(schedule_from_config(mc).gamma(jnp.asarray(p, jnp.float32)))
-    return int(round(float(gamma.mean()) * seq_len(config)))
-
-
-def fixed_mask(batch: int, n: int, masked: int, seed: int = 1) -> np.ndarray:
-    """[B, N] bool: ``masked`` positions per row, each row its own random arrangement (the
-    reference's batch-shared count)."""
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.permutation(n) < masked for _ in range(batch)])
 
 
 def ours_train(config, params, batch: int, mask: np.ndarray):
