@@ -36,8 +36,9 @@ def test_scan_loss_and_grads_equal_unrolled():
         init_params(scanned, jax.random.key(0)))
     batch, rng = _batch(unrolled), jax.random.key(7)
 
-    def grad(c, p):
-        return jax.value_and_grad(lambda q: losses.loss_fn(q, batch, rng, c, train=True)[0])(p)
+    def grad(c, p):  # jitted, as training runs it: op by op took ~3x as long (compiles)
+        return jax.jit(jax.value_and_grad(
+            lambda q: losses.loss_fn(q, batch, rng, c, train=True)[0]))(p)
 
     loss_u, g_u = grad(unrolled, params)
     loss_s, g_s = grad(scanned, stacked)
