@@ -285,11 +285,19 @@ class StepDispatch:
         return {"mask": np.asarray(mask), "mask_p": np.asarray(p)}
 
     def rung(self, mask: np.ndarray) -> StepRung:
-        """The smallest rungs holding buffer + the most visible, and the most masked, tokens."""
+        """The smallest rungs holding buffer + the most visible, and the most masked, tokens.
+
+        The loss rung is at least the one paired with the encoder rung (holding one more
+        token than the fewest masked the encoder rung allows), so with a batch-shared count
+        each encoder rung meets one loss rung: a count exactly at an encoder rung's top would
+        otherwise meet a second pair, one more compile, to save a single row.
+        """
+        n, buffer = mask.shape[1], int(self.config.model.buffer_size)
         masked = mask.sum(axis=1)
         enc, rows = self._ladders
-        need_enc = int(self.config.model.buffer_size) + int(mask.shape[1] - masked.min())
-        return StepRung(rung_at(enc, need_enc), rung_at(rows, int(masked.max())))
+        cap = rung_at(enc, buffer + int(n - masked.min()))
+        paired = n - (cap - buffer) + 1
+        return StepRung(cap, rung_at(rows, max(int(masked.max()), min(paired, n))))
 
     def step_for(self, rung: StepRung) -> Callable:
         if rung not in self._steps:

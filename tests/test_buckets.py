@@ -226,3 +226,24 @@ def test_host_dispatched_train_steps_equal_the_full_capacity_step():
     for x, y in zip(jax.tree_util.tree_leaves(s_host.params),
                     jax.tree_util.tree_leaves(s_full.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_each_encoder_rung_meets_one_loss_rung_with_a_shared_count():
+    """The default ladders at XS-256: every visible count 0..N (shared by the batch) maps to
+    one rung pair per encoder rung, each pair holding the count exactly."""
+    from configs import emigm_xs_256
+    from emigm_jax import train
+    from emigm_jax.models import loss_ladder
+
+    c = emigm_xs_256.get_config()
+    dispatch = train.StepDispatch(c, None, None, np.zeros(2, np.uint32))
+    pairs = {}
+    for visible in range(257):
+        mask = np.zeros((2, 256), bool)
+        mask[0, :256 - visible] = True
+        mask[1, visible:] = True
+        rung = dispatch.rung(mask)
+        assert 64 + visible <= rung.encoder_capacity and 256 - visible <= rung.loss_rows
+        pairs.setdefault(rung.encoder_capacity, set()).add(rung.loss_rows)
+    assert tuple(pairs) == encoder_ladder(c) and all(len(v) == 1 for v in pairs.values())
+    assert {r for v in pairs.values() for r in v} == set(loss_ladder(c))
