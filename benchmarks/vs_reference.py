@@ -10,8 +10,9 @@ the process, ``torch.set_num_threads``). Random weights are drawn for the refere
 (N(0, 0.02) on every tensor, so the zero-initialised head layers do real work) and converted
 to ours with ``emigm_jax.convert.emigm.convert_weights``.
 
-Timed, in one process: the train step at batch 8 (loss, backward, clip, AdamW, EMA; median of
-two) and the 16-iteration preset on 8 images (``--iter128``: the 128-iteration preset once more). Printed:
+Timed, in one process, the two sides taking turns (``--reps`` runs each, the fastest kept):
+the train step at batch 8 (loss, backward, clip, AdamW, EMA) and the 16-iteration preset on 8
+images (``--iter128``: the 128-iteration preset once more). Printed:
 both times and their ratio (ours / reference), executed FLOPs per image and achieved FLOP/s
 next to a 2048^3 XLA matmul measured in the same run. Both train steps see the same mask: the
 recipe's expected masked count per image (``--train_masked``), in the same positions (the
@@ -47,6 +48,8 @@ def parse_args():
     ap.add_argument("--iter128", action="store_true", help="also the many-step preset, once")
     ap.add_argument("--extra_path", default="", help="folder prepended to sys.path (timm)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: train,sample")
+    ap.add_argument("--reps", type=int, default=2,
+                    help="timed runs of each side, taking turns (the 128-iteration preset: 1)")
     ap.add_argument("--train_masked", type=int, default=0,
                     help="masked tokens per image in the timed train steps (both sides); "
                          "0: the recipe's expected count")
@@ -170,6 +173,20 @@ def timed(fn, reps: int = 1):
         out = fn()
         times.append(time.perf_counter() - t)
     return out, float(np.median(times))
+
+
+def interleaved(ref_fn, ours_fn, reps: int):
+    """(reference's last output, ours, reference's fastest s, ours fastest s): the two run
+    turn about, ``reps`` times each, so a slow spell of the shared machine hits both; the
+    fastest run of each is the least disturbed one."""
+    t_ref, t_ours, out_ref, out_ours = [], [], None, None
+    for _ in range(reps):
+        out_ref, t = timed(ref_fn)
+        t_ref.append(t)
+        out_ours, t = timed(ours_fn)
+        t_ours.append(t)
+    print(f"  reference runs {[round(t, 2) for t in t_ref]} s; ours {[round(t, 2) for t in t_ours]} s")
+    return out_ref, out_ours, min(t_ref), min(t_ours)
 
 
 # ------------------------------------------------------------------------------- ours
@@ -314,15 +331,14 @@ def main() -> None:
         reference_fixed_masking(ref, mask)
         step_ref = reference_train_step(ref, config, args.batch)
         step_ref()  # warm-up
-        counter.flops = 0.0
-        _, t_ref = timed(step_ref, 2)
-        f_ref = 3.0 * counter.flops / args.batch / 2
-        print(f"reference train step {t_ref:.2f}s, {f_ref / 1e9:.1f} GFLOP/image; load "
-              f"{os.getloadavg()}", flush=True)
         run, first, rung = ours_train(config.copy_and_resolve_references(), params, args.batch,
                                       mask)
         run()
-        _, t_ours = timed(run, 2)
+        counter.flops = 0.0
+        _, _, t_ref, t_ours = interleaved(step_ref, run, args.reps)
+        f_ref = 3.0 * counter.flops / args.batch / args.reps
+        print(f"reference train step {t_ref:.2f}s, {f_ref / 1e9:.1f} GFLOP/image; load "
+              f"{os.getloadavg()}", flush=True)
         f_ours = ours_train_flops(config, params, masked, args.batch)
         print(f"ours: first step incl. compile {first:.1f}s at {rung}")
         print(f"train: reference {t_ref:.2f}s ours {t_ours:.2f}s", flush=True)
@@ -333,11 +349,12 @@ def main() -> None:
         presets.append((f"{name} preset", dict(over)))
     if "sample" not in skip:
         for title, over in presets:
-            rows.append(sample_row(emigm, ref, counter, config, params, title, over, args.images))
+            rows.append(sample_row(emigm, ref, counter, config, params, title, over, args.images,
+                                   1 if over else args.reps))
     report(rows, peak)
 
 
-def sample_row(emigm, ref, counter, config, params, title, over, images):
+def sample_row(emigm, ref, counter, config, params, title, over, images, reps):
     c = config.copy_and_resolve_references()
     for k, v in over.items():
         c.sample[k] = v
@@ -346,13 +363,6 @@ def sample_row(emigm, ref, counter, config, params, title, over, images):
     ref.diffloss.num_sampling_steps = str(s.solver_steps)
     ref.eval()
     labels = torch.arange(images) % c.model.num_classes
-    counter.flops = 0.0
-    with torch.no_grad():
-        _, t_ref = timed(lambda: ref.sample_tokens(images, num_iter=s.num_iter, cfg=s.cfg_scale,
-                                                   cfg_schedule=s.cfg_schedule, labels=labels))
-    f_ref = counter.flops / images
-    print(f"reference {title}: {t_ref / images:.2f} s/image, {f_ref / 1e9:.1f} GFLOP/image",
-          flush=True)
     jl = jnp.asarray(labels.numpy(), jnp.int32)
     fn = sampling.make_sampler(c)
     t = time.perf_counter()
@@ -360,7 +370,18 @@ def sample_row(emigm, ref, counter, config, params, title, over, images):
     jax.block_until_ready(info)
     print(f"ours {title}: first call incl. compile {time.perf_counter() - t:.1f}s; reveal "
           f"counts {np.asarray(info['reveal_counts']).tolist()}")
-    (_, info), t_ours = timed(lambda: jax.block_until_ready(fn(params, jl, jax.random.key(1))))
+
+    def ref_call():
+        with torch.no_grad():
+            return ref.sample_tokens(images, num_iter=s.num_iter, cfg=s.cfg_scale,
+                                     cfg_schedule=s.cfg_schedule, labels=labels)
+
+    counter.flops = 0.0
+    _, (_, info), t_ref, t_ours = interleaved(
+        ref_call, lambda: jax.block_until_ready(fn(params, jl, jax.random.key(1))), reps)
+    f_ref = counter.flops / images / reps
+    print(f"reference {title}: {t_ref / images:.2f} s/image, {f_ref / 1e9:.1f} GFLOP/image",
+          flush=True)
     print(f"{title}: reference {t_ref / images:.2f} s/image ours {t_ours / images:.2f} s/image",
           flush=True)
     f_ours = ours_sampling_flops(c, params, np.asarray(info["reveal_counts"]), images)
