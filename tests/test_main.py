@@ -22,8 +22,10 @@ TINY = ["--config.model.width=32", "--config.model.enc_depth=1", "--config.model
         "--config.model.diffusion_batch_mul=1", "--config.train.batch_size=32",
         "--config.train.num_steps=4", "--config.train.log_every=2",
         "--config.checkpoint.every_steps=2", "--config.train.progress=False",
-        "--config.sample.num_iter=2", "--config.sample.solver_steps=2",
-        "--config.sample.solver_order=2", *NO_LADDERS]
+        # one first-order DPM-Solver++ step per token: the cheapest head sampler to compile
+        # (tests/test_dpm_solver.py checks the solver's orders)
+        "--config.sample.num_iter=2", "--config.sample.solver_steps=1",
+        "--config.sample.solver_order=1", *NO_LADDERS]
 
 
 def _cli(*args, devices: int = 1, timeout: int = 600, config: str = "configs/digits.py"):
@@ -66,8 +68,10 @@ def test_unwritable_workdir(tmp_path):
     proc, _ = _cli(f"--workdir={blocker / 'run'}")
     assert proc.returncode != 0
     assert "cannot be created or written" in proc.stderr, proc.stderr[-2000:]
-    proc, _ = _cli(f"--workdir={blocker}")
-    assert "exists and is not a directory" in proc.stderr, proc.stderr[-2000:]
+    # The CLI prints any prepare_workdir error as above; the other messages are checked
+    # in-process (each CLI run costs ~10 s of imports).
+    with pytest.raises(main_lib.PreflightError, match="exists and is not a directory"):
+        main_lib.prepare_workdir(str(blocker))
     with pytest.raises(main_lib.PreflightError, match="cannot be created or written"):
         main_lib.prepare_workdir("/proc/emigm_cannot_write_here")
 
@@ -133,10 +137,8 @@ def test_digits_job_end_to_end(tmp_path):
     assert again["sample_class_accuracy"] == pytest.approx(metrics["sample_class_accuracy"])
 
 
-def test_sample_mode_without_checkpoint_says_so(tmp_path):
-    proc, _ = _cli(f"--workdir={tmp_path / 'empty'}", "--mode=sample", *TINY)
-    assert proc.returncode != 0
-    assert "has none; train first" in proc.stderr, proc.stderr[-2000:]
+# --mode=sample on a workdir without a checkpoint: tests/test_recovery.py
+# (test_read_modes_without_a_checkpoint_fail_in_one_line) runs that command.
 
 
 # The discrete digits configs through the same job: pixel tokens, categorical head.
