@@ -23,9 +23,11 @@ from tests.multiprocess_worker import tiny_digits_config
 pytestmark = pytest.mark.xdist_group("test_layout_resume")
 
 # Two blocks per stack (a stack of one is stacked too, but two tell the layer order apart);
-# 6 steps with a checkpoint every 2.
+# 6 steps with a checkpoint every 2; sampling with one first-order solver step per token, the
+# cheapest head sampler to compile (the layout, not the solver, is under test).
 RUN = {"model.enc_depth": 2, "model.dec_depth": 2, "train.num_steps": 6,
-       "checkpoint.every_steps": 2, "checkpoint.async_save": False, "sample.batch_size": 8}
+       "checkpoint.every_steps": 2, "checkpoint.async_save": False, "sample.batch_size": 8,
+       "sample.solver_steps": 1, "sample.solver_order": 1}
 RTOL = 1e-6
 
 
