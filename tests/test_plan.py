@@ -128,7 +128,9 @@ def test_sampler_plan_compiles_with_its_key(tmp_path):
     cfg = tmp_path / "tiny_sample_plan.py"
     sample = ('    c.plan.meshes = ((2, 1),)\n'
               '    c.plan.what, c.plan.search_batch, c.plan.sample_per_chip = "sample", False, 2\n'
-              '    c.sample.num_iter, c.sample.solver_steps = 2, 2\n    return c\n')
+              # one first-order solver step: the cheapest head to compile (-5 s)
+              '    c.sample.num_iter, c.sample.solver_steps, c.sample.solver_order = 2, 1, 1\n'
+              '    return c\n')
     cfg.write_text(CONFIG.format(target="cpu:2", limit=1.0, batch=4).replace("    return c\n", sample))
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the plan reads each fresh compile's analyses
