@@ -223,7 +223,8 @@ def _tiny_eval_config(tmp_path, ref_path, stats_path):
         name="kl16", path="", scale=0.5, random_init=True, seed=0,
         arch=dict(ch=8, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(),
                   resolution=16, embed_dim=3, num_groups=4)))
-    c.sample.num_iter, c.sample.solver_steps, c.sample.batch_size = 2, 2, 8
+    c.sample.num_iter, c.sample.solver_steps, c.sample.batch_size = 2, 1, 8
+    c.sample.solver_order = 1  # one first-order head step: the cheapest sampler to compile
     c.sample.num_images = 12
     c.eval = ml_collections.ConfigDict(dict(
         reference_path=str(ref_path), fid_stats_path=str(stats_path), inception_size=75,
@@ -309,7 +310,8 @@ def test_evaluation_resumes_from_its_saved_statistics(tmp_path):
     from tests.conftest import tiny_config
 
     config = tiny_config()
-    config.sample.num_iter, config.sample.solver_steps, config.sample.batch_size = 2, 2, 4
+    config.sample.num_iter, config.sample.solver_steps, config.sample.batch_size = 2, 1, 4
+    config.sample.solver_order = 1  # one first-order head step: the cheapest to compile
     params = init_params(config, jax.random.key(0))
     mesh = sharding.make_mesh(types.SimpleNamespace(data=-1, fsdp=1))
     bs = sample_batch_size(config, mesh)
