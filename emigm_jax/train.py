@@ -390,6 +390,7 @@ class TrainResult:
     train_seconds: float      # wall time of the loop in this run (compile included)
     preempted: bool
     last_metrics: dict
+    train_rungs: tuple = ()   # StepRung of each compiled train-step program, in first use
 
 
 Hook = Callable[[int, TrainState, Any], None]  # (step, state, checkpointer) after each step
@@ -568,7 +569,7 @@ def _loop(config, workdir: str, run: _Run, hooks: Sequence[Hook], sample_fn,
         ckpt.close()
     return TrainResult(state=state, mesh=run.mesh, step=step, total_steps=n_total,
                        start_step=run.start, train_seconds=clock.seconds(), preempted=preempted,
-                       last_metrics=last)
+                       last_metrics=last, train_rungs=run.step_fn.compiled_rungs)
 
 
 def _write_png(path: str, image: np.ndarray) -> None:

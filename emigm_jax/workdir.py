@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from emigm_jax.config_validation import ConfigError
 
@@ -319,6 +318,9 @@ class MetricWriter:
                     logging.info("train_log.jsonl: dropped %d rows after step %d (re-run)",
                                  dropped, resume_step)
             self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+            # Imported here: tensorboardX imports torch when it is installed (~4 s), which
+            # commands that write no metrics (sample, evaluate, plan, errors) need not pay.
+            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

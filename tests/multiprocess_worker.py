@@ -107,6 +107,7 @@ def main() -> None:
             json.dump({"step": result.step, "start_step": result.start_step,
                        "preempted": result.preempted, "loss": result.last_metrics.get("loss"),
                        "process_count": jax.process_count(),
+                       "train_rungs": [list(r) for r in result.train_rungs],
                        "device_count": jax.device_count()}, f)
 
 

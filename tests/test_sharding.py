@@ -170,9 +170,10 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process(tmp_path):
+    """Also the host's mask draw (train.ladders): each process hands its own rows of it."""
     steps = 3
     common = [sys.executable, WORKER, f"--steps={steps}",
-              '--overrides={"checkpoint.every_steps": 2}']
+              '--overrides={"checkpoint.every_steps": 2, "model.encoder_buckets": [0.5]}']
     port = _free_port()
     procs = [subprocess.Popen(common + [f"--workdir={tmp_path / 'multi'}",
                                         f"--out={tmp_path / 'multi.json'}",
@@ -192,6 +193,8 @@ def test_two_processes_match_one_process(tmp_path):
     assert (multi["process_count"], multi["device_count"]) == (2, 2)
     assert (one["process_count"], one["device_count"]) == (1, 1)
     assert multi["step"] == one["step"] == steps
+    # encoder rungs 2 + 8 = 10 and 18 slots; t_min 0.2 leaves <= 6 of 16 tokens visible
+    assert multi["train_rungs"] == one["train_rungs"] == [[10, 16]]
     losses = lambda d: [json.loads(l)["loss"] for l in open(d / "train_log.jsonl")]  # noqa: E731
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"),
                                rtol=1e-5, atol=1e-6)
