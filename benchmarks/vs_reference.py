@@ -1,6 +1,7 @@
 """Side by side with the official PyTorch eMIGM code: same config, weights, threads, process.
 
     python benchmarks/vs_reference.py --reference_dir=/path/to/ML-GSAI/eMIGM [--iter128]
+    python benchmarks/vs_reference.py --reference_dir=... --separate   # one process per side
 
 Needs torch and timm (the reference's ``models/emigm.py`` imports timm's ``Block``; e.g.
 ``pip install timm`` or ``--extra_path`` to a folder holding it). The reference checkout is
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import time
@@ -48,6 +50,11 @@ def parse_args():
     ap.add_argument("--iter128", action="store_true", help="also the many-step preset, once")
     ap.add_argument("--extra_path", default="", help="folder prepended to sys.path (timm)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: train,sample")
+    ap.add_argument("--side", default="both", choices=("both", "ours", "reference"),
+                    help="time one side only (with --json: its rows for --separate)")
+    ap.add_argument("--separate", action="store_true",
+                    help="run each side in its own process, one after the other")
+    ap.add_argument("--json", default="", help="write this process's rows here")
     ap.add_argument("--reps", type=int, default=2,
                     help="timed runs of each side, taking turns (the 128-iteration preset: 1)")
     ap.add_argument("--train_masked", type=int, default=0,
@@ -178,15 +185,41 @@ def timed(fn, reps: int = 1):
 def interleaved(ref_fn, ours_fn, reps: int):
     """(reference's last output, ours, reference's fastest s, ours fastest s): the two run
     turn about, ``reps`` times each, so a slow spell of the shared machine hits both; the
-    fastest run of each is the least disturbed one."""
+    fastest run of each is the least disturbed one. A side given as None is not run (nan)."""
     t_ref, t_ours, out_ref, out_ours = [], [], None, None
     for _ in range(reps):
-        out_ref, t = timed(ref_fn)
-        t_ref.append(t)
-        out_ours, t = timed(ours_fn)
-        t_ours.append(t)
+        if ref_fn is not None:
+            out_ref, t = timed(ref_fn)
+            t_ref.append(t)
+        if ours_fn is not None:
+            out_ours, t = timed(ours_fn)
+            t_ours.append(t)
     print(f"  reference runs {[round(t, 2) for t in t_ref]} s; ours {[round(t, 2) for t in t_ours]} s")
-    return out_ref, out_ours, min(t_ref), min(t_ours)
+    return out_ref, out_ours, min(t_ref, default=math.nan), min(t_ours, default=math.nan)
+
+
+def run_sides_apart(args) -> None:
+    """``--separate``: each side in its own process, one after the other, then one table.
+
+    Why: on the development VM, our XLA step right after the reference's torch step in the
+    same process runs ~1.5-2x slower (its page faults cost 4-5x more system time: the memory
+    torch just freed is handed back to the host and faulted in again), so in one process the
+    order of the calls would decide the result."""
+    import json
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = {}
+        for side in ("reference", "ours"):
+            out = os.path.join(tmp, side + ".json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+                            f"--side={side}", f"--json={out}"], check=True)
+            with open(out, encoding="utf-8") as f:
+                parts[side] = json.load(f)
+    ref_rows = {r[0]: r for r in parts["reference"]["rows"]}
+    rows = [(name, ref_rows[name][1], t_ours, ref_rows[name][3], f_ours)
+            for name, _, t_ours, _, f_ours in parts["ours"]["rows"]]
+    report(rows, parts["ours"]["peak"])
 
 
 # ------------------------------------------------------------------------------- ours
@@ -311,6 +344,10 @@ def reference_fixed_masking(model, mask: np.ndarray):
 
 def main() -> None:
     args = ARGS
+    if args.separate and args.side == "both":
+        run_sides_apart(args)
+        return
+    ours_side, ref_side = args.side in ("both", "ours"), args.side in ("both", "reference")
     skip = set(filter(None, args.skip.split(",")))
     config = load_config(args.config)
     config.mesh.data, config.mesh.fsdp = -1, 1
@@ -328,19 +365,22 @@ def main() -> None:
         masked = args.train_masked or expected_masked(config)
         mask = fixed_mask(args.batch, seq_len(config), masked)
         print(f"train steps mask {masked} of {seq_len(config)} tokens per image (both sides)")
-        reference_fixed_masking(ref, mask)
-        step_ref = reference_train_step(ref, config, args.batch)
-        step_ref()  # warm-up
-        run, first, rung = ours_train(config.copy_and_resolve_references(), params, args.batch,
-                                      mask)
-        run()
+        step_ref, run, f_ours = None, None, math.nan
+        if ref_side:
+            reference_fixed_masking(ref, mask)
+            step_ref = reference_train_step(ref, config, args.batch)
+            step_ref()  # warm-up
+        if ours_side:
+            run, first, rung = ours_train(config.copy_and_resolve_references(), params,
+                                          args.batch, mask)
+            run()
+            print(f"ours: first step incl. compile {first:.1f}s at {rung}")
+            f_ours = ours_train_flops(config, params, masked, args.batch)
         counter.flops = 0.0
         _, _, t_ref, t_ours = interleaved(step_ref, run, args.reps)
-        f_ref = 3.0 * counter.flops / args.batch / args.reps
+        f_ref = 3.0 * counter.flops / args.batch / args.reps if ref_side else math.nan
         print(f"reference train step {t_ref:.2f}s, {f_ref / 1e9:.1f} GFLOP/image; load "
               f"{os.getloadavg()}", flush=True)
-        f_ours = ours_train_flops(config, params, masked, args.batch)
-        print(f"ours: first step incl. compile {first:.1f}s at {rung}")
         print(f"train: reference {t_ref:.2f}s ours {t_ours:.2f}s", flush=True)
         rows.append(("train step, batch %d" % args.batch, t_ref, t_ours, f_ref, f_ours))
     presets = [("16-iteration preset", {})]
@@ -349,12 +389,17 @@ def main() -> None:
         presets.append((f"{name} preset", dict(over)))
     if "sample" not in skip:
         for title, over in presets:
-            rows.append(sample_row(emigm, ref, counter, config, params, title, over, args.images,
-                                   1 if over else args.reps))
+            rows.append(sample_row(ref, counter, config, params, title, over, args.images,
+                                   1 if over else args.reps, ours_side, ref_side))
+    if args.json:
+        import json
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"rows": rows, "peak": peak}, f)
     report(rows, peak)
 
 
-def sample_row(emigm, ref, counter, config, params, title, over, images, reps):
+def sample_row(ref, counter, config, params, title, over, images, reps, ours_side=True,
+               ref_side=True):
     c = config.copy_and_resolve_references()
     for k, v in over.items():
         c.sample[k] = v
@@ -365,11 +410,12 @@ def sample_row(emigm, ref, counter, config, params, title, over, images, reps):
     labels = torch.arange(images) % c.model.num_classes
     jl = jnp.asarray(labels.numpy(), jnp.int32)
     fn = sampling.make_sampler(c)
-    t = time.perf_counter()
-    _, info = fn(params, jl, jax.random.key(0))
-    jax.block_until_ready(info)
-    print(f"ours {title}: first call incl. compile {time.perf_counter() - t:.1f}s; reveal "
-          f"counts {np.asarray(info['reveal_counts']).tolist()}")
+    if ours_side:
+        t = time.perf_counter()
+        _, info = fn(params, jl, jax.random.key(0))
+        jax.block_until_ready(info)
+        print(f"ours {title}: first call incl. compile {time.perf_counter() - t:.1f}s; reveal "
+              f"counts {np.asarray(info['reveal_counts']).tolist()}")
 
     def ref_call():
         with torch.no_grad():
@@ -377,14 +423,17 @@ def sample_row(emigm, ref, counter, config, params, title, over, images, reps):
                                      cfg_schedule=s.cfg_schedule, labels=labels)
 
     counter.flops = 0.0
-    _, (_, info), t_ref, t_ours = interleaved(
-        ref_call, lambda: jax.block_until_ready(fn(params, jl, jax.random.key(1))), reps)
-    f_ref = counter.flops / images / reps
+    _, out, t_ref, t_ours = interleaved(
+        ref_call if ref_side else None,
+        (lambda: jax.block_until_ready(fn(params, jl, jax.random.key(1)))) if ours_side else None,
+        reps)
+    f_ref = counter.flops / images / reps if ref_side else math.nan
     print(f"reference {title}: {t_ref / images:.2f} s/image, {f_ref / 1e9:.1f} GFLOP/image",
           flush=True)
     print(f"{title}: reference {t_ref / images:.2f} s/image ours {t_ours / images:.2f} s/image",
           flush=True)
-    f_ours = ours_sampling_flops(c, params, np.asarray(info["reveal_counts"]), images)
+    f_ours = (ours_sampling_flops(c, params, np.asarray(out[1]["reveal_counts"]), images)
+              if ours_side else math.nan)
     return (f"{title}, {images} images (per image)", t_ref / images, t_ours / images, f_ref,
             f_ours)
 
