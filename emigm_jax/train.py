@@ -15,6 +15,9 @@ Design points:
     such steps is kept in the state; the loop stops with a clear error once it reaches
     ``train.max_nonfinite_steps`` (0: at the first non-finite step). The streak is only read
     at log time, so the guard adds no per-step host synchronisation.
+  * ``StepDispatch`` (``emigm_jax.step_dispatch``) runs each step at the smallest capacity
+    rung holding its mask, one plain compiled program per rung; the recipe's schedule and
+    optimizer are ``emigm_jax.optim``.
   * Gradient accumulation splits the global batch into ``train.grad_accum`` micro-batches
     (rows i::k, so every device keeps its own rows) and averages their gradients in a
     ``lax.scan``; each micro-batch draws its own masking time.
@@ -24,10 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -38,12 +40,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from emigm_jax import losses, models
-from emigm_jax.buckets import rung_at
 from emigm_jax import sharding as shd
 from emigm_jax import workdir as workdir_lib
 from emigm_jax.checkpoint import Checkpointer, PreemptionWatcher
 from emigm_jax.data import pipeline
 from emigm_jax.data.step_encoder import IMAGE_SOURCES, PrepareFn, image_encoder
+from emigm_jax.optim import (lr_schedule, make_optimizer, peak_lr, steps_per_epoch,  # noqa: F401
+                             total_steps, warmup_steps)
+from emigm_jax.step_dispatch import (HOST_MASK_KEYS, StepDispatch, StepRung, micro_key,  # noqa: F401
+                                     step_key, uses_host_masks)
 
 LossFn = Callable[..., tuple[jax.Array, dict]]  # (params, batch, rng, config, train) -> (loss, metrics)
 
@@ -61,63 +66,7 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedule and optimizer.
-
-def steps_per_epoch(config, num_examples: int) -> int:
-    return max(1, math.ceil(num_examples / int(config.train.batch_size)))
-
-
-def total_steps(config, num_examples: int) -> int:
-    """``train.num_steps`` if > 0, else ``train.epochs`` epochs."""
-    n = int(config.train.num_steps)
-    if n > 0:
-        return n
-    return int(round(float(config.train.epochs) * steps_per_epoch(config, num_examples)))
-
-
-def warmup_steps(config, num_examples: int) -> int:
-    """``optim.warmup_steps`` if >= 0, else ``optim.warmup_epochs`` epochs."""
-    n = int(config.optim.warmup_steps)
-    if n >= 0:
-        return n
-    return int(round(float(config.optim.warmup_epochs) * steps_per_epoch(config, num_examples)))
-
-
-def peak_lr(config) -> float:
-    """lr = base_lr * global_batch / 256 (the reference's linear scaling rule)."""
-    return float(config.optim.base_lr) * int(config.train.batch_size) / 256.0
-
-
-def lr_schedule(config, num_examples: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak lr, then ``optim.decay``: constant (MAR and eMIGM train
-    so, with an EMA) or cosine to 0 at the last step (more from a short, fixed budget).
-
-    At step s < W the lr is peak * s / W (the reference's per-iteration epoch fraction).
-    """
-    peak, warm = peak_lr(config), warmup_steps(config, num_examples)
-    rest = max(total_steps(config, num_examples) - warm, 1)
-    after = (optax.cosine_decay_schedule(peak, rest) if config.optim.decay == "cosine"
-             else optax.constant_schedule(peak))
-    if warm <= 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
-
-
-def make_optimizer(config, schedule: optax.Schedule,
-                   weight_decay_mask: Any = None) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) -> AdamW(schedule, b1, b2, wd with mask).
-
-    ``weight_decay_mask``: pytree of bools or a callable params -> pytree (default: the
-    model's ``emigm_jax.models.weight_decay_mask``).
-    """
-    weight_decay_mask = models.weight_decay_mask if weight_decay_mask is None else weight_decay_mask
-    o = config.optim
-    return optax.chain(
-        optax.clip_by_global_norm(float(o.grad_clip)),
-        optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-                    weight_decay=float(o.weight_decay), mask=weight_decay_mask),
-    )
-
+# State.
 
 def init_train_state(params, optimizer: optax.GradientTransformation,
                      rng: jax.Array) -> TrainState:
@@ -140,25 +89,6 @@ def _split_microbatches(batch, k: int):
     def split(x):
         return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
     return jax.tree.map(split, batch)
-
-
-def step_key(key_data: jax.Array, step: jax.Array) -> jax.Array:
-    """The step's key: a pure function of the run's key and the step number."""
-    return jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
-
-
-def micro_key(step_rng: jax.Array, i, accum: int) -> jax.Array:
-    """The loss key of micro-batch ``i`` (the step's key itself without accumulation)."""
-    return step_rng if accum == 1 else jax.random.fold_in(step_rng, i)
-
-
-class StepRung(NamedTuple):
-    """The static sizes one compiled train step runs at (0: the config's full size)."""
-    encoder_capacity: int = 0  # encoder slots: buffer + visible tokens
-    loss_rows: int = 0         # head-loss rows per sample: masked tokens
-
-
-HOST_MASK_KEYS = ("mask", "mask_p")  # batch entries the host's mask draw adds
 
 
 def make_train_step(config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -247,98 +177,6 @@ def jit_train_step(step_fn, state_sharding, mesh, donate: bool = True, aux_shard
     return jax.jit(shd.with_mesh_context(step_fn, mesh), in_shardings=in_sh,
                    out_shardings=(state_sharding, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
-
-
-class StepDispatch:
-    """The train step as the loop calls it: (state, step, host-local batch[, aux]) ->
-    (state, metrics), with the batch put onto the mesh here.
-
-    Work-proportional training (``train.ladders``, eMIGM's own loss): the host draws the step's
-    mask from the step's key, the draw ``losses.training_mask`` makes on device (threefry, so
-    the same bits on every platform), hands it to the step with the batch, and calls the step
-    compiled for the smallest encoder rung holding buffer + the batch's most visible tokens and
-    the smallest loss rung holding its most masked tokens. Each program is plain, with no
-    ``lax.switch``: under ``grad`` a switch keeps every branch's residuals, which cancelled the
-    saving (docs/ARCHITECTURE.md). A rung compiles at its first use; at most
-    ``len(encoder_ladder) + len(loss_ladder)`` rungs occur when the batch shares its count.
-
-    Without ladders (or with a custom loss) there is one full-capacity program, and the step
-    draws its mask on device.
-    """
-
-    def __init__(self, config, build: Callable[[StepRung], Callable], mesh,
-                 key_data: np.ndarray | None):
-        self.config, self.mesh, self._build = config, mesh, build
-        self._steps: dict[StepRung, Callable] = {}
-        self.key_data = key_data  # None: the step draws its own mask (one program)
-        if key_data is not None:
-            self._cpu = jax.local_devices(backend="cpu")[0]
-            self._draw = jax.jit(functools.partial(_global_mask_draw, config))
-            self._key = jax.device_put(np.asarray(key_data, np.uint32), self._cpu)
-            self._ladders = (models.encoder_ladder(config),
-                             models.loss_ladder(config) if config.model.head == "diffusion"
-                             else (0,))
-
-    def host_mask(self, step: int) -> dict[str, np.ndarray]:
-        """The global batch's mask draw of ``step``: {'mask': [B, N] bool, 'mask_p': [B]}."""
-        mask, p = self._draw(self._key, jax.device_put(np.int32(step), self._cpu))
-        return {"mask": np.asarray(mask), "mask_p": np.asarray(p)}
-
-    def rung(self, mask: np.ndarray) -> StepRung:
-        """The smallest rungs holding buffer + the most visible, and the most masked, tokens.
-
-        The loss rung is at least the one paired with the encoder rung (holding one more
-        token than the fewest masked the encoder rung allows), so with a batch-shared count
-        each encoder rung meets one loss rung: a count exactly at an encoder rung's top would
-        otherwise meet a second pair, one more compile, to save a single row.
-        """
-        n, buffer = mask.shape[1], int(self.config.model.buffer_size)
-        masked = mask.sum(axis=1)
-        enc, rows = self._ladders
-        cap = rung_at(enc, buffer + int(n - masked.min()))
-        paired = n - (cap - buffer) + 1
-        return StepRung(cap, rung_at(rows, max(int(masked.max()), min(paired, n))))
-
-    def step_for(self, rung: StepRung) -> Callable:
-        if rung not in self._steps:
-            if self._steps:
-                logging.info("train step: compiling rung %s (%d so far)", rung, len(self._steps))
-            self._steps[rung] = self._build(rung)
-        return self._steps[rung]
-
-    @property
-    def compiled_rungs(self) -> tuple[StepRung, ...]:
-        return tuple(self._steps)
-
-    def __call__(self, state: TrainState, step: int, local_batch, *aux):
-        if self.key_data is None:
-            return self.step_for(StepRung())(state, shd.global_batch(local_batch, self.mesh), *aux)
-        drawn = self.host_mask(step)
-        rung = self.rung(drawn["mask"])
-        b = len(jax.tree.leaves(local_batch)[0])  # this process's rows of the global batch
-        lo = jax.process_index() * b
-        local = {**local_batch, **{k: v[lo:lo + b] for k, v in drawn.items()}}
-        return self.step_for(rung)(state, shd.global_batch(local, self.mesh), *aux)
-
-
-def _global_mask_draw(config, key_data: jax.Array, step: jax.Array):
-    """(mask [B, N], p [B]) of the global batch at ``step``: micro-batch i's draw (key
-    ``micro_key``) on its rows i::k, as ``make_train_step`` splits them."""
-    accum, b = int(config.train.grad_accum), int(config.train.batch_size)
-    n, rng = models.seq_len(config), step_key(key_data, step)
-    draws = [losses.training_mask(micro_key(rng, i, accum), b // accum, n, config)
-             for i in range(accum)]
-    interleave = lambda xs: jnp.swapaxes(jnp.stack(xs), 0, 1).reshape((b,) + xs[0].shape[1:])
-    return interleave([d.mask for d in draws]), interleave([d.p for d in draws])
-
-
-def uses_host_masks(config, loss_fn: LossFn | None) -> bool:
-    """Whether ``StepDispatch`` draws masks on the host: ``train.ladders`` with eMIGM's loss
-    and a ladder of more than one rung."""
-    if not config.train.ladders or loss_fn is not None or config.model.arch == "ar":
-        return False
-    rows = models.loss_ladder(config) if config.model.head == "diffusion" else ()
-    return len(models.encoder_ladder(config)) > 1 or len(rows) > 1
 
 
 def make_step_dispatch(config, optimizer, schedule, mesh, state_sharding, key_data,
