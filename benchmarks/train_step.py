@@ -82,6 +82,15 @@ def fixed_mask(batch: int, n: int, masked: int, seed: int = 1) -> np.ndarray:
     return np.stack([rng.permutation(n) < masked for _ in range(batch)])
 
 
+def with_host_mask(dispatch, batch: dict, mask: np.ndarray) -> "train.StepRung":
+    """Puts ``mask`` into ``batch`` as the host's draw of the step would be and returns the
+    rung ``dispatch`` runs for it (the full-capacity rung when the step draws its own)."""
+    if dispatch.key_data is None:
+        return train.StepRung()
+    batch.update(mask=mask, mask_p=np.full((mask.shape[0],), 0.5, np.float32))
+    return dispatch.rung(mask)
+
+
 def measured_peak_flops(n: int = 2048, reps: int = 5) -> float:
     """Attainable float32 matmul FLOP/s on the default devices."""
     a = jnp.ones((n, n), jnp.float32)
@@ -131,11 +140,10 @@ def main() -> None:
     dispatch = train.make_step_dispatch(config, opt, sched, mesh, shardings,
                                         shd.to_host(state.rng))
     rung = train.StepRung()
-    if dispatch.key_data is not None:
-        mask = fixed_mask(args.batch, n, expected_masked(config))
-        rung = dispatch.rung(mask)
-        batch.update(mask=mask, mask_p=np.full((args.batch,), 0.5, np.float32))
-        print(f"mask {int(mask[0].sum())} of {n} tokens: {rung}")
+    if args.ladders:
+        masked = expected_masked(config)
+        rung = with_host_mask(dispatch, batch, fixed_mask(args.batch, n, masked))
+        print(f"mask {masked} of {n} tokens: {rung}")
     step = dispatch.step_for(rung)
     gbatch = shd.global_batch(batch, mesh)
 

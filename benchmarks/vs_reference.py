@@ -74,7 +74,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from train_step import (expected_masked, fixed_mask,  # noqa: E402  (this folder, a script)
-                        measured_peak_flops)
+                        measured_peak_flops, with_host_mask)
 from emigm_jax.config_files import load_config  # noqa: E402
 from emigm_jax import sampling, train  # noqa: E402
 from emigm_jax import sharding as shd  # noqa: E402
@@ -313,14 +313,12 @@ def ours_train(config, params, batch: int, mask: np.ndarray):
     state, _, shardings = train.create_sharded_state(config, mesh, opt, lambda r: params)
     dispatch = train.make_step_dispatch(config, opt, sched, mesh, shardings,
                                         shd.to_host(state.rng))
-    rung = dispatch.rung(mask) if dispatch.key_data is not None else train.StepRung()
-    step = dispatch.step_for(rung)
     rng = np.random.default_rng(1)
     n, c = seq_len(config), token_dim(config)
     local = {"tokens": rng.normal(size=(batch, n, c)).astype(np.float32),
              "label": rng.integers(0, 10, batch).astype(np.int32)}
-    if dispatch.key_data is not None:
-        local.update(mask=mask, mask_p=np.full((batch,), 0.5, np.float32))
+    rung = with_host_mask(dispatch, local, mask)
+    step = dispatch.step_for(rung)
     data = shd.global_batch(local, mesh)
     t = time.perf_counter()
     state, metrics = step(state, data)

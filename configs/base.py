@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
         # Training head loss on masked rows only: row rungs ceil(f * N) per sample. () = off.
         # 1 - the encoder's fractions: when the batch shares its count (the reference's
         # masking), each encoder rung's masked range fits the matching loss rung, so training
-        # meets one (encoder, loss) rung pair per encoder rung (train.StepDispatch).
+        # meets one (encoder, loss) rung pair per encoder rung (emigm_jax/step_dispatch.py).
         loss_buckets=(1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 13 / 16, 7 / 8, 15 / 16, 31 / 32),
         loss_capacity=0,            # head-loss rows per sample, 0 = N (exact for every mask)
         single_reference_semantics=False,

@@ -93,7 +93,7 @@ def diffusion_token_loss(model, params, x0, z, rng, batch_mul: int, num_steps: i
 def training_mask(rng: jax.Array, batch: int, n: int, config) -> MaskDraw:
     """The mask ``loss_fn`` draws from its key ``rng`` for a batch of ``batch`` sequences.
 
-    The host makes the same draw from the same key (``emigm_jax.train.StepDispatch``) to learn
+    The host makes the same draw from the same key (``emigm_jax.step_dispatch.StepDispatch``) to learn
     the step's visible and masked counts before it dispatches the step.
     """
     return sample_mask(jax.random.split(rng, 4)[0], batch, n, config.mask)

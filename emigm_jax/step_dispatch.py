@@ -52,8 +52,9 @@ class StepDispatch:
     compiled for the smallest encoder rung holding buffer + the batch's most visible tokens and
     the smallest loss rung holding its most masked tokens. Each program is plain, with no
     ``lax.switch``: under ``grad`` a switch keeps every branch's residuals, which cancelled the
-    saving (docs/ARCHITECTURE.md). A rung compiles at its first use; at most
-    ``len(encoder_ladder) + len(loss_ladder)`` rungs occur when the batch shares its count.
+    saving (docs/ARCHITECTURE.md). A rung compiles at its first use; when the batch shares
+    its count each encoder rung meets one loss rung (``rung``), so at most
+    ``len(encoder_ladder)`` programs compile.
 
     Without ladders (or with a custom loss) there is one full-capacity program, and the step
     draws its mask on device.
@@ -68,9 +69,7 @@ class StepDispatch:
             self._cpu = jax.local_devices(backend="cpu")[0]
             self._draw = jax.jit(functools.partial(_global_mask_draw, config))
             self._key = jax.device_put(np.asarray(key_data, np.uint32), self._cpu)
-            self._ladders = (models.encoder_ladder(config),
-                             models.loss_ladder(config) if config.model.head == "diffusion"
-                             else (0,))
+            self._ladders = train_ladders(config)
 
     def host_mask(self, step: int) -> dict[str, np.ndarray]:
         """The global batch's mask draw of ``step``: {'mask': [B, N] bool, 'mask_p': [B]}."""
@@ -130,5 +129,11 @@ def uses_host_masks(config, loss_fn) -> bool:
     and a ladder of more than one rung."""
     if not config.train.ladders or loss_fn is not None or config.model.arch == "ar":
         return False
-    rows = models.loss_ladder(config) if config.model.head == "diffusion" else ()
-    return len(models.encoder_ladder(config)) > 1 or len(rows) > 1
+    return any(len(ladder) > 1 for ladder in train_ladders(config))
+
+
+def train_ladders(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(encoder rungs, loss-row rungs) of the train step; the categorical head's loss has no
+    row rungs, (0,)."""
+    rows = models.loss_ladder(config) if config.model.head == "diffusion" else (0,)
+    return models.encoder_ladder(config), rows

@@ -49,7 +49,7 @@ def at_rung(config, encoder_capacity: int = 0, loss_rows: int = 0):
     (0: the config's top rung, the full capacity by default).
 
     Why: under ``jax.grad`` a switch over rungs keeps every branch's residuals, so the train
-    step runs one rung per compiled program, chosen on the host (``train.StepDispatch``).
+    step runs one rung per compiled program, chosen on the host (``step_dispatch.StepDispatch``).
     """
     config = config.copy_and_resolve_references()
     m = config.model
