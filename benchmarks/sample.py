@@ -50,6 +50,7 @@ from jax.experimental import io_callback
 from emigm_jax import sampling
 from emigm_jax.diffusion import dpm_solver
 from emigm_jax.config_files import load_config
+from emigm_jax.host_memory import use_huge_pages
 from emigm_jax.models import (build_model, dummy_inputs, param_count, random_params,
                               seq_len, token_dim)
 
@@ -219,4 +220,5 @@ def main():
 
 
 if __name__ == "__main__":
+    use_huge_pages()  # as the main job runs (EMIGM_JAX_HUGE_PAGES=0: without)
     main()

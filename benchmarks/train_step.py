@@ -40,6 +40,7 @@ import numpy as np
 from emigm_jax import sharding as shd
 from emigm_jax import train
 from emigm_jax.config_files import load_config
+from emigm_jax.host_memory import use_huge_pages
 from emigm_jax.models import init_params, param_count, seq_len, token_dim
 from emigm_jax.schedules import schedule_from_config
 
@@ -197,4 +198,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    use_huge_pages()  # as the main job runs (EMIGM_JAX_HUGE_PAGES=0: without)
     main()

@@ -81,6 +81,7 @@ from emigm_jax import sharding as shd  # noqa: E402
 from emigm_jax.buckets import rung_at  # noqa: E402
 from emigm_jax.convert.emigm import convert_weights  # noqa: E402
 from emigm_jax.diffusion import dpm_solver  # noqa: E402
+from emigm_jax.host_memory import use_huge_pages  # noqa: E402
 from emigm_jax.models import (build_model, encoder_ladder, init_params, loss_ladder,  # noqa: E402
                               seq_len, token_dim)
 from emigm_jax.models.transformer import ReadRows  # noqa: E402
@@ -450,4 +451,5 @@ def report(rows, peak):
 
 
 if __name__ == "__main__":
+    use_huge_pages()  # as the main job runs (EMIGM_JAX_HUGE_PAGES=0: without)
     main()

@@ -18,6 +18,11 @@ names the bad value.
 """
 from __future__ import annotations
 
+from emigm_jax.host_memory import use_huge_pages
+
+if __name__ == "__main__":  # before the imports below load JAX: a re-exec here costs ms
+    use_huge_pages()
+
 import logging
 import os
 import re
@@ -332,6 +337,7 @@ def _parse_flags(argv: list[str]):
 
 def run() -> None:
     """Console-script entry point (``emigm``)."""
+    use_huge_pages()  # a no-op when ``python -m emigm_jax.main`` has done it already
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -24,6 +24,7 @@ LAYERS = {
     "emigm_jax": 0,
     "emigm_jax.config_files": 0, "emigm_jax.schedules": 0, "emigm_jax.masking": 0,
     "emigm_jax.sharding": 0, "emigm_jax.diffusion": 0, "emigm_jax.buckets": 0,
+    "emigm_jax.host_memory": 0,
     "emigm_jax.config_validation": 1, "emigm_jax.checkpoint": 1, "emigm_jax.workdir": 1,
     "emigm_jax.models": 1, "emigm_jax.tokenizers": 1, "emigm_jax.losses": 1,
     "emigm_jax.data": 1, "emigm_jax.evaluation.inception": 1, "emigm_jax.evaluation.metrics": 1,
