@@ -59,16 +59,22 @@ def tunables_with_huge_pages(environ: Mapping[str, str], glibc: tuple[int, ...] 
     return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
 
 
+def tunables_for_this_host(environ: Mapping[str, str] | None = None) -> str | None:
+    """``tunables_with_huge_pages`` for this process's OS, glibc and kernel."""
+    if sys.platform != "linux":
+        return None
+    environ = os.environ if environ is None else environ
+    return tunables_with_huge_pages(environ, _glibc_version(), _thp_mode())
+
+
 def use_huge_pages() -> None:
     """Re-executes this process with malloc on huge pages when the tunable is missing.
 
     Call it first thing in an entry point (``python -m emigm_jax.main``, the benchmarks),
     before JAX is imported, so the discarded start costs milliseconds.
     """
-    if sys.platform != "linux" or not getattr(sys, "orig_argv", None):
-        return
-    value = tunables_with_huge_pages(os.environ, _glibc_version(), _thp_mode())
-    if value is None:
+    value = tunables_for_this_host()
+    if value is None or not getattr(sys, "orig_argv", None):
         return
     env = dict(os.environ, GLIBC_TUNABLES=value)
     sys.stdout.flush()

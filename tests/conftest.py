@@ -19,6 +19,11 @@ if ROOT not in sys.path:
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller; workers inherit it
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="emigm-jax-xla-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+    # The xdist workers start after this: they (and their subprocesses, which then skip the
+    # re-exec) run with malloc on huge pages, as the main job does (emigm_jax/host_memory.py).
+    from emigm_jax.host_memory import tunables_for_this_host
+    if tunables_for_this_host() is not None:
+        os.environ["GLIBC_TUNABLES"] = tunables_for_this_host()
 
 
 def tiny_config(head: str = "diffusion", arch: str = "mae", ladders: bool = False):

@@ -7,13 +7,11 @@ import sys
 
 import pytest
 
-from emigm_jax import host_memory
-from emigm_jax.host_memory import TUNABLE, tunables_with_huge_pages
+from emigm_jax.host_memory import TUNABLE, tunables_for_this_host, tunables_with_huge_pages
 from tests.conftest import ROOT
 
 ON = f"{TUNABLE}=1"
-HOST_CAN = (sys.platform == "linux" and (host_memory._glibc_version() or ()) >= host_memory.MIN_GLIBC
-            and host_memory._thp_mode() in ("always", "madvise"))
+HOST_CAN = tunables_for_this_host({}) is not None  # Linux, glibc >= 2.35, THP not 'never'
 
 
 def test_tunable_value_for_each_host():

@@ -20,11 +20,14 @@ pytestmark = pytest.mark.xdist_group("test_plan")
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 TARGET = "tpu:v5p:2x2x1" if HAS_LIBTPU else "cpu:4"
 # Per-chip memory limit: 9 examples per chip fit on cpu:4 (5.36 MiB) and 10 do not (5.89 MiB).
-# The plan's batch (36 = 9 per chip) starts the search at the answer, so it compiles 9 (the
-# sweep's run, reused), 18 and 10. The train step has no ladders (train.ladders off, the
-# default), as at pod scale.
+# The plan's batch (36 = 9 per chip) starts the search at the answer and max_per_chip = 10
+# caps its first step up (2 x 9) at the next size, so it compiles 9 (the sweep's run, reused)
+# and 10 only (18 was a third compile, -26 s). A 10 that fit would leave next = 0 and fail the
+# search test: the cap cannot make it pass. The train step has no ladders (train.ladders off,
+# the default), as at pod scale.
 LIMIT_GIB = 0.0056
 GLOBAL_BATCH = 36
+MAX_PER_CHIP = 64 if HAS_LIBTPU else 10  # the TPU's answer is not pinned at 9
 
 CONFIG = '''
 from tests.conftest import tiny_config
@@ -36,7 +39,7 @@ def get_config():
     c.plan.target = "{target}"
     c.plan.meshes = ((1, 4),)
     c.plan.remat = (False,)
-    c.plan.max_per_chip = 64
+    c.plan.max_per_chip = {max_per_chip}
     c.plan.hbm_gib = {limit}
     return c
 '''
@@ -46,7 +49,8 @@ def get_config():
 def plan(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan")
     cfg = tmp / "tiny_plan.py"
-    cfg.write_text(CONFIG.format(target=TARGET, limit=LIMIT_GIB, batch=GLOBAL_BATCH))
+    cfg.write_text(CONFIG.format(target=TARGET, limit=LIMIT_GIB, batch=GLOBAL_BATCH,
+                                 max_per_chip=MAX_PER_CHIP))
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the plan reads each fresh compile's analyses
     proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--mode=plan",
@@ -131,7 +135,8 @@ def test_sampler_plan_compiles_with_its_key(tmp_path):
               # one first-order solver step: the cheapest head to compile (-5 s)
               '    c.sample.num_iter, c.sample.solver_steps, c.sample.solver_order = 2, 1, 1\n'
               '    return c\n')
-    cfg.write_text(CONFIG.format(target="cpu:2", limit=1.0, batch=4).replace("    return c\n", sample))
+    cfg.write_text(CONFIG.format(target="cpu:2", limit=1.0, batch=4,
+                                 max_per_chip=MAX_PER_CHIP).replace("    return c\n", sample))
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the plan reads each fresh compile's analyses
     proc = subprocess.run([sys.executable, "-m", "emigm_jax.main", "--mode=plan",
