@@ -141,7 +141,7 @@ def test_sampling_with_ladders_equals_full_capacity(name, head, sample):
         c.sample[k] = v
     c.sample.head_capacity = "auto"
     c.sample.head_chunk = 4  # reveals of 5-16 tokens: full chunks, then the remainder's rung
-    c.model.encoder_buckets = (0.25, 0.5)  # 3 rungs (each is one more compiled encoder); the
+    c.model.encoder_buckets = (0.5,)  # 2 rungs (each is one more compiled encoder); the
     # default ladder: test_head_remainder_and_read_rows_equal_full_capacity
     params = _perturbed(c)
     full = _full(c)
