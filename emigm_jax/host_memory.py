@@ -70,8 +70,9 @@ def tunables_for_this_host(environ: Mapping[str, str] | None = None) -> str | No
 def use_huge_pages() -> None:
     """Re-executes this process with malloc on huge pages when the tunable is missing.
 
-    Call it first thing in an entry point (``python -m emigm_jax.main``, the benchmarks),
-    before JAX is imported, so the discarded start costs milliseconds.
+    Call it first thing in an entry point. ``python -m emigm_jax.main`` calls it before JAX
+    is imported, so the discarded start costs milliseconds; the benchmark scripts and the
+    ``emigm`` console script call it after their imports, which costs that import once.
     """
     value = tunables_for_this_host()
     if value is None or not getattr(sys, "orig_argv", None):

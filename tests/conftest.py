@@ -22,8 +22,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller; workers inh
     # The xdist workers start after this: they (and their subprocesses, which then skip the
     # re-exec) run with malloc on huge pages, as the main job does (emigm_jax/host_memory.py).
     from emigm_jax.host_memory import tunables_for_this_host
-    if tunables_for_this_host() is not None:
-        os.environ["GLIBC_TUNABLES"] = tunables_for_this_host()
+    _tunables = tunables_for_this_host()
+    if _tunables is not None:
+        os.environ["GLIBC_TUNABLES"] = _tunables
 
 
 def tiny_config(head: str = "diffusion", arch: str = "mae", ladders: bool = False):

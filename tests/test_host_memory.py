@@ -33,7 +33,7 @@ def test_tunable_value_for_each_host():
 PROBE = """
 import os, resource, sys
 from emigm_jax.host_memory import use_huge_pages
-print("start", flush=True)
+print("start", os.getpid(), flush=True)
 use_huge_pages()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):  # a fresh 64 MiB malloc block each time (above the mmap threshold), filled
@@ -49,9 +49,10 @@ def _probe(**env_changes):
     env.update(env_changes, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.split("\n")
-    starts = out.count("start")
+    starts = [line.split(" ")[1] for line in out if line.startswith("start ")]
     pid, tunables, faults = out[-2].split(" ")
-    return starts, tunables, int(faults)
+    assert set(starts) == {pid}, (starts, pid)  # execve keeps the process
+    return len(starts), tunables, int(faults)
 
 
 @pytest.mark.skipif(not HOST_CAN, reason="needs Linux, glibc >= 2.35 and THP not 'never'")
