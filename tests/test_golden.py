@@ -1,12 +1,17 @@
-"""Golden values: the sampler's tokens and the loss / gradients of fixed inputs, bit for bit.
+"""Golden values: the sampler's tokens and the loss / gradients of fixed inputs.
 
-Why: refactoring the sampler and the training code must not change a single number. The
-values in tests/golden/golden.json were recorded once by running this file with
-``EMIGM_WRITE_GOLDEN=1``; every later run must reproduce them exactly (sha256 of the raw
-bytes, plus float64 sums to tell what changed when a hash differs). Inputs are tiny (batch
-2, random weights) so the whole file compiles in CI on two CPU cores.
+Why: refactoring the sampler and the training code must not change the numbers. The values in
+tests/golden/golden.json were recorded by running this file with ``EMIGM_WRITE_GOLDEN=1``;
+every later run must reproduce them. Integer outputs (token ids, reveal counts, NFE) must be
+identical. Float32 outputs must agree to 1e-4 relative, not bit for bit: XLA:CPU picks its
+kernels by the host's vector ISA, so an AVX2 and an AVX-512 machine sum in different orders.
+Between the two development machines (Sapphire Rapids with AVX-512, and the earlier one) the
+continuous samples' sums differed by at most 1.3e-6 relative and the gradients' by 3.9e-6,
+and every discrete output was identical; a refactor that changes the math moves them by far
+more. Each float array is kept as its float64 sum, its absolute sum and 64 evenly spaced
+values. Inputs are tiny (batch 2, random weights) so the whole file compiles in CI on two CPU
+cores.
 """
-import hashlib
 import importlib
 import json
 import os
@@ -65,12 +70,40 @@ def load_config(module: str, overrides: dict):
     return config
 
 
+SAMPLES = 64   # evenly spaced values kept per array
+RTOL = 1e-4     # float32 agreement across CPU generations (module docstring)
+
+
 def fingerprint(x) -> dict:
-    """sha256 of the bytes (the exact check) and the float64 sum (a readable hint)."""
+    """The array's shape, dtype, float64 sum and absolute sum, and 64 evenly spaced values."""
     a = np.asarray(x)
-    return {"sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest(),
-            "sum": float(np.sum(a, dtype=np.float64)), "shape": list(a.shape),
-            "dtype": str(a.dtype)}
+    flat = a.ravel()
+    picks = flat[np.linspace(0, flat.size - 1, min(SAMPLES, flat.size)).astype(np.int64)]
+    return {"shape": list(a.shape), "dtype": str(a.dtype),
+            "sum": float(np.sum(a, dtype=np.float64)),
+            "abs_sum": float(np.sum(np.abs(a), dtype=np.float64)),
+            "values": picks.tolist()}
+
+
+def assert_matches(key: str, got, want) -> None:
+    """Integers and structure exactly; float arrays (fingerprints) to RTOL of their scale."""
+    if isinstance(want, dict) and "values" in want:
+        assert (got["shape"], got["dtype"]) == (want["shape"], want["dtype"]), key
+        if not np.issubdtype(np.dtype(want["dtype"]), np.floating):
+            assert got == want, f"{key}: integer output changed"
+            return
+        scale = want["abs_sum"] / max(1, int(np.prod(want["shape"])))  # mean |x|
+        np.testing.assert_allclose(got["values"], want["values"], rtol=RTOL,
+                                   atol=RTOL * scale, err_msg=f"{key}: values changed")
+        for stat in ("sum", "abs_sum"):
+            assert abs(got[stat] - want[stat]) <= RTOL * want["abs_sum"], \
+                f"{key}: {stat} {got[stat]!r} != recorded {want[stat]!r}"
+    elif isinstance(want, dict):
+        assert sorted(got) == sorted(want), f"{key}: fields changed"
+        for k in want:
+            assert_matches(f"{key}.{k}", got[k], want[k])
+    else:
+        assert got == want, f"{key}: {got!r} != recorded {want!r}"
 
 
 def sampler_values(name: str) -> dict:
@@ -116,14 +149,14 @@ def check(key: str, values: dict):
         with open(GOLDEN, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         return
-    assert values == recorded()[key], f"{key}: output changed"
+    assert_matches(key, json.loads(json.dumps(values)), recorded()[key])
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLER_CASES))
-def test_sampler_tokens_bit_for_bit(name):
+def test_sampler_tokens_match_golden(name):
     check(f"sample/{name}", sampler_values(name))
 
 
 @pytest.mark.parametrize("module", LOSS_CASES)
-def test_loss_and_gradients_bit_for_bit(module):
+def test_loss_and_gradients_match_golden(module):
     check(f"loss/{module}", loss_values(module))

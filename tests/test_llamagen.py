@@ -180,7 +180,9 @@ def test_conversion_fills_every_leaf_and_matches_torch_forward():
     ours_labels = jnp.asarray(np.where(labels == CLASSES, -1, labels))
     got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), ours_labels))
     assert np.abs(want).max() > 1.0  # the logits are not trivially small
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # 2e-5: float32 rounding of two libraries; on an AVX-512 host (Sapphire Rapids) the
+    # largest difference is 1.1-1.2e-5 (the logits exceed 1 in magnitude).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
     src = os.environ.get("LLAMAGEN_SRC")
     if src:
         ref = reference_module_forward(torch, src, sd, tokens[:, :-1], labels)
