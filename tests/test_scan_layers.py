@@ -13,7 +13,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from emigm_jax import losses, sharding
 from emigm_jax.models import init_params, weight_decay_mask
 from emigm_jax.models.layout import is_scanned, stack_layers, to_layout, unstack_layers
-from emigm_jax.models.transformer import fused_attention, head_major_attention
+from emigm_jax.models.attention_ops import fused_attention, head_major_attention
 from tests.conftest import tiny_config
 
 
