@@ -56,8 +56,8 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     head dimension is padded to a multiple of 16 lanes (eMIGM's hd = 56 -> 64: the dot runs
     1.6x faster for 14% more FLOPs), and the softmax denominator divides the [.., hd] output
     rather than the [.., Lk] probabilities. Same result to float32 rounding (tested against a
-    float64 softmax); eMIGM-XS's decoder attention at batch 16: 73 -> 50 ms forward, 204 ->
-    141 ms forward + backward (benchmarks/RESULTS.md). Masked keys get float32's lowest
+    float64 softmax); eMIGM-XS's decoder attention at batch 16 on 2 AVX-512 cores: 77 -> 55 ms
+    forward, 209 -> 142 ms forward + backward (benchmarks/attention.py, RESULTS.md). Masked keys get float32's lowest
     value, not -inf, so a query with no allowed key averages all values, as XLA's does.
     """
     hd = q.shape[-1]
