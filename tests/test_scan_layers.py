@@ -146,3 +146,22 @@ def test_head_major_attention_matches_xla_values_and_gradients():
         for a, b in zip(g_ours, g_xla):
             np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
             assert float(jnp.abs(b).max()) > 0.1
+
+
+def test_head_major_attention_dropout_is_dropout_of_the_softmax():
+    # The dropout draws of the training path act on the unnormalised weights; the result must
+    # be timm's dropout(softmax(q k^T)) v with the same keep mask (float64 reference).
+    rs = np.random.RandomState(2)
+    q, k, v = (rs.randn(2, 5, 2, 12).astype(np.float32) for _ in range(3))
+    keep = (rs.rand(2, 2, 5, 5) > 0.25).astype(np.float32) / 0.75  # [B, H, Lq, Lk]
+    mask = rs.rand(2, 1, 1, 5) > 0.2
+    mask[..., 0] = True
+    out = head_major_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                               jnp.asarray(mask), drop=lambda w: w * keep)
+    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64)) / np.sqrt(12)
+    logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", probs * keep, v.astype(np.float64))
+    np.testing.assert_allclose(out, want, atol=1e-6, rtol=1e-5)
+    assert np.abs(want - np.einsum("bhqk,bkhd->bqhd", probs, v)).max() > 0.1  # dropout mattered

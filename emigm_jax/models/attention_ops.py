@@ -6,7 +6,7 @@ for 16-bit on GPU, a head-major layout on CPU, XLA's otherwise), and the blocks 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError):
             pass
-    if backend == "cpu" and q.dtype == jnp.float32:
+    if head_major_applies(q):
         return head_major_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
@@ -45,8 +45,13 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 CPU_LANES = 16  # float32 lanes of an AVX-512 register
 
 
-def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                         mask: Optional[jax.Array]) -> jax.Array:
+def head_major_applies(q: jax.Array) -> bool:
+    """Whether ``head_major_attention`` is the attention to run: float32 on CPU."""
+    return jax.default_backend() == "cpu" and q.dtype == jnp.float32
+
+
+def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
+                         drop: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
     """softmax(q k^T / sqrt(hd)) v with the layout XLA:CPU's batched dots run fastest.
 
     q, k, v: [B, L, H, hd]; mask: [B or 1, 1, Lq, Lk] bool or None. Returns [B, Lq, H, hd].
@@ -57,8 +62,11 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     1.6x faster for 14% more FLOPs), and the softmax denominator divides the [.., hd] output
     rather than the [.., Lk] probabilities. Same result to float32 rounding (tested against a
     float64 softmax); eMIGM-XS's decoder attention at batch 16 on 2 AVX-512 cores: 77 -> 55 ms
-    forward, 209 -> 142 ms forward + backward (benchmarks/attention.py, RESULTS.md). Masked keys get float32's lowest
-    value, not -inf, so a query with no allowed key averages all values, as XLA's does.
+    forward, 209 -> 142 ms forward + backward (benchmarks/attention.py, RESULTS.md).
+    Masked keys get float32's lowest value, not -inf, so a query with no allowed key averages
+    all values, as XLA's does. ``drop``: attention-probability dropout, an elementwise
+    mask-and-scale on [B, H, Lq, Lk]; it commutes with the row normalisation, so applying it to
+    the unnormalised weights gives dropout(softmax) v, timm's order.
     """
     hd = q.shape[-1]
     heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, L, H, hd] <-> [B, H, L, hd]
@@ -71,7 +79,10 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
     weights = jnp.exp(logits)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v) / weights.sum(axis=-1, keepdims=True)
+    denominator = weights.sum(axis=-1, keepdims=True)  # [B, H, Lq, 1]
+    if drop is not None:
+        weights = drop(weights)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v) / denominator
     return heads_first(out[..., :hd])
 
 

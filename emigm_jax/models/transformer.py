@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from emigm_jax.buckets import gather_rows, switch_on_count
-from emigm_jax.models.attention_ops import allowed_keys, attention_probs, fused_attention
+from emigm_jax.models.attention_ops import (allowed_keys, attention_probs, fused_attention,
+                                            head_major_applies, head_major_attention)
 from emigm_jax.models.dropout import Dropout
 from emigm_jax.sharding import constrain_rows, gather_weights
 
@@ -185,9 +186,12 @@ class Attention(nn.Module):
                                offset)
         mask = None if allowed is None else allowed[:, None]  # [B or 1, 1, Lq, Lk]
         if self.attn_dropout > 0 and not deterministic:
-            probs = attention_probs(q, k, mask).astype(self.dtype)
-            probs = Dropout(self.attn_dropout)(probs, deterministic=deterministic)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            drop = functools.partial(Dropout(self.attn_dropout), deterministic=False)
+            if head_major_applies(q):
+                out = head_major_attention(q, k, v, mask, drop)
+            else:
+                probs = drop(attention_probs(q, k, mask).astype(self.dtype))
+                out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
             out = fused_attention(q, k, v, mask)
         out = out.reshape(b, lq, d)
