@@ -5,10 +5,11 @@ tests/golden/golden.json were recorded by running this file with ``EMIGM_WRITE_G
 every later run must reproduce them. Integer outputs (token ids, reveal counts, NFE) must be
 identical. Float32 outputs must agree to 1e-4 relative, not bit for bit: XLA:CPU picks its
 kernels by the host's vector ISA, so an AVX2 and an AVX-512 machine sum in different orders.
-Between the two development machines (Sapphire Rapids with AVX-512, and the earlier one) the
-continuous samples' sums differed by at most 1.3e-6 relative and the gradients' by 3.9e-6,
-and every discrete output was identical; a refactor that changes the math moves them by far
-more. Each float array is kept as its float64 sum, its absolute sum and 64 evenly spaced
+Between the recording made on the earlier development host and a run on its AVX-512
+successor (Sapphire Rapids, with attention's rounding also changed by the head-major CPU
+form), the continuous samples' sums differed by at most 1.3e-6 relative and the gradients' by
+3.9e-6, and every discrete output was identical; a refactor that changes the math moves them
+by far more. Each float array is kept as its float64 sum, its absolute sum and 64 evenly spaced
 values. Inputs are tiny (batch 2, random weights) so the whole file compiles in CI on two CPU
 cores.
 """
