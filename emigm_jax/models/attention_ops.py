@@ -13,9 +13,10 @@ import jax.numpy as jnp
 
 
 def attention_probs(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
-    """softmax(q k^T / sqrt(hd)) in float32, masked keys at -inf: [B, H, Lq, Lk].
+    """softmax(q k^T / sqrt(hd)) in float32, masked keys at float32's lowest value: [B, H, Lq, Lk].
 
-    Only for training with attention-probability dropout, which the fused kernel lacks.
+    For training with attention-probability dropout (which the fused kernels lack) where the
+    head-major form does not apply (16-bit, or not on CPU).
     """
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                         preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
@@ -26,7 +27,8 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> ja
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     mask: Optional[jax.Array]) -> jax.Array:
-    """jax.nn.dot_product_attention: cuDNN's flash kernel for bf16/fp16 on GPU, XLA elsewhere.
+    """cuDNN's flash kernel for bf16/fp16 on GPU, ``head_major_attention`` for float32 on CPU,
+    ``jax.nn.dot_product_attention``'s XLA form elsewhere.
 
     q, k, v: [B, L, H, hd]; mask: [B, 1, 1, L] bool (True = key may be attended to) or None.
     Falls back to XLA when cuDNN rejects the shapes (checked at trace time).
