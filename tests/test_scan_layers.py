@@ -107,6 +107,16 @@ def test_stacked_parameters_keep_the_layer_axis_whole():
     assert specs["unrolled"]["kernel"] == P(None, "fsdp")
 
 
+def float64_probs(q: np.ndarray, k: np.ndarray, mask) -> np.ndarray:
+    """softmax(q k^T / sqrt(hd)) in float64, masked keys excluded: [B, H, Lq, Lk]."""
+    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64))
+    logits /= np.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_attention_equals_float64_softmax(masked):
     rs = np.random.RandomState(0)
@@ -116,12 +126,7 @@ def test_fused_attention_equals_float64_softmax(masked):
     mask = keep[:, None, None, :] if masked else None
     out = np.asarray(fused_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                      None if mask is None else jnp.asarray(mask)))
-    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64)) / np.sqrt(8)
-    if masked:
-        logits = np.where(mask, logits, -np.inf)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    ref = np.einsum("bhqk,bkhd->bqhd", probs, v.astype(np.float64))
+    ref = np.einsum("bhqk,bkhd->bqhd", float64_probs(q, k, mask), v.astype(np.float64))
     np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
 
 
@@ -148,20 +153,17 @@ def test_head_major_attention_matches_xla_values_and_gradients():
             assert float(jnp.abs(b).max()) > 0.1
 
 
-def test_head_major_attention_dropout_is_dropout_of_the_softmax():
-    # The dropout draws of the training path act on the unnormalised weights; the result must
-    # be timm's dropout(softmax(q k^T)) v with the same keep mask (float64 reference).
+def test_attention_dropout_is_dropout_of_the_softmax():
+    # The training path's dropout (on CPU: on the head-major form's unnormalised weights) must
+    # give timm's dropout(softmax(q k^T)) v with the same keep mask (float64 reference).
     rs = np.random.RandomState(2)
     q, k, v = (rs.randn(2, 5, 2, 12).astype(np.float32) for _ in range(3))
     keep = (rs.rand(2, 2, 5, 5) > 0.25).astype(np.float32) / 0.75  # [B, H, Lq, Lk]
     mask = rs.rand(2, 1, 1, 5) > 0.2
     mask[..., 0] = True
-    out = head_major_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                               jnp.asarray(mask), drop=lambda w: w * keep)
-    logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64)) / np.sqrt(12)
-    logits = np.where(mask, logits, -np.inf)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    out = fused_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                          drop=lambda w: w * keep)
+    probs = float64_probs(q, k, mask)
     want = np.einsum("bhqk,bkhd->bqhd", probs * keep, v.astype(np.float64))
     np.testing.assert_allclose(out, want, atol=1e-6, rtol=1e-5)
     assert np.abs(want - np.einsum("bhqk,bkhd->bqhd", probs, v)).max() > 0.1  # dropout mattered

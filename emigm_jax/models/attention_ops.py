@@ -25,22 +25,26 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> ja
     return jax.nn.softmax(logits, axis=-1)
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                    mask: Optional[jax.Array]) -> jax.Array:
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
+                    drop: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
     """cuDNN's flash kernel for bf16/fp16 on GPU, ``head_major_attention`` for float32 on CPU,
     ``jax.nn.dot_product_attention``'s XLA form elsewhere.
 
     q, k, v: [B, L, H, hd]; mask: [B, 1, 1, L] bool (True = key may be attended to) or None.
-    Falls back to XLA when cuDNN rejects the shapes (checked at trace time).
+    Falls back to XLA when cuDNN rejects the shapes (checked at trace time). ``drop``:
+    attention-probability dropout on [B, H, Lq, Lk] (training); the fused kernels lack it, so
+    off the head-major form the probabilities are materialised (``attention_probs``).
     """
-    backend = jax.default_backend()
-    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if head_major_applies(q):
+        return head_major_attention(q, k, v, mask, drop)
+    if drop is not None:
+        probs = drop(attention_probs(q, k, mask).astype(v.dtype))
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError):
             pass
-    if head_major_applies(q):
-        return head_major_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 

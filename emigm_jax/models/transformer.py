@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from emigm_jax.buckets import gather_rows, switch_on_count
-from emigm_jax.models.attention_ops import (allowed_keys, attention_probs, fused_attention,
-                                            head_major_applies, head_major_attention)
+from emigm_jax.models.attention_ops import allowed_keys, fused_attention
 from emigm_jax.models.dropout import Dropout
 from emigm_jax.sharding import constrain_rows, gather_weights
 
@@ -185,15 +184,10 @@ class Attention(nn.Module):
         allowed = allowed_keys(key_mask, self.causal or cache is not None, lq, k.shape[1],
                                offset)
         mask = None if allowed is None else allowed[:, None]  # [B or 1, 1, Lq, Lk]
+        drop = None
         if self.attn_dropout > 0 and not deterministic:
             drop = functools.partial(Dropout(self.attn_dropout), deterministic=False)
-            if head_major_applies(q):
-                out = head_major_attention(q, k, v, mask, drop)
-            else:
-                probs = drop(attention_probs(q, k, mask).astype(self.dtype))
-                out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        else:
-            out = fused_attention(q, k, v, mask)
+        out = fused_attention(q, k, v, mask, drop)
         out = out.reshape(b, lq, d)
         out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
