@@ -1,9 +1,10 @@
-"""Attention on CPU: XLA's ``jax.nn.dot_product_attention`` against the head-major form.
+"""Attention on CPU: XLA's ``jax.nn.dot_product_attention`` against the head-major forms.
 
 ``emigm_jax.models.attention_ops.fused_attention`` runs ``head_major_attention`` on CPU for
-float32. This times both, forward and forward + backward, at the shapes of eMIGM-XS-256's
-decoder (320 slots, 8 heads of 56) and checks they agree; the batch is the sampler's (8 images
-x 2 for CFG) and the train step's (8).
+float32, and its per-sample loop (``per_sample_attention``) in inference where
+``per_sample_pays``. This times all three, forward and forward + backward, at the shapes of
+eMIGM-XS-256's decoder (320 slots, 8 heads of 56) and checks they agree; the batch is the
+sampler's (8 images x 2 for CFG) and the train step's (8).
 
     python benchmarks/attention.py
     python benchmarks/attention.py --batch=16 --length=320 --heads=8 --head_dim=56
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emigm_jax.host_memory import use_huge_pages
-from emigm_jax.models.attention_ops import head_major_attention
+from emigm_jax.models.attention_ops import head_major_attention, per_sample_attention
 
 
 def fastest_ms(fn, *args, reps: int = 10) -> float:
@@ -42,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; load {os.getloadavg()}")
     xla = functools.partial(jax.nn.dot_product_attention, implementation="xla")
-    impls = {"xla": lambda q, k, v, m: xla(q, k, v, mask=m), "head-major": head_major_attention}
+    impls = {"xla": lambda q, k, v, m: xla(q, k, v, mask=m), "head-major": head_major_attention,
+             "per-sample head-major": per_sample_attention}
     print("| batch | implementation | forward ms | forward + backward ms | max |diff| vs xla |")
     print("|---|---|---|---|---|")
     for b in args.batch:

@@ -13,7 +13,9 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from emigm_jax import losses, sharding
 from emigm_jax.models import init_params, weight_decay_mask
 from emigm_jax.models.layout import is_scanned, stack_layers, to_layout, unstack_layers
-from emigm_jax.models.attention_ops import fused_attention, head_major_attention
+from emigm_jax.models.attention_ops import (PER_SAMPLE_MIN_BYTES, fused_attention,
+                                             head_major_attention, per_sample_attention,
+                                             per_sample_pays)
 from tests.conftest import tiny_config
 
 
@@ -128,6 +130,33 @@ def test_fused_attention_equals_float64_softmax(masked):
                                      None if mask is None else jnp.asarray(mask)))
     ref = np.einsum("bhqk,bkhd->bqhd", float64_probs(q, k, mask), v.astype(np.float64))
     np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mask_kind", ["keys", "causal", "none"])
+def test_per_sample_attention_equals_float64_softmax(mask_kind):
+    # The sampler's one-sample-at-a-time loop: a per-sample key mask is sliced with its
+    # sample, a [1, 1, Lq, Lk] mask is shared by all, and no mask at all.
+    rs = np.random.RandomState(3)
+    q, k, v = (rs.randn(3, 6, 2, 12).astype(np.float32) for _ in range(3))
+    keep = rs.rand(3, 1, 1, 6) > 0.4
+    keep[..., 0] = True
+    mask = {"keys": keep, "causal": np.tril(np.ones((6, 6), bool))[None, None],
+            "none": None}[mask_kind]
+    out = jax.jit(per_sample_attention)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                        None if mask is None else jnp.asarray(mask))
+    ref = np.einsum("bhqk,bkhd->bqhd", float64_probs(q, k, mask), v.astype(np.float64))
+    np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_per_sample_attention_only_where_it_pays():
+    # Batch weights of at least PER_SAMPLE_MIN_BYTES, more than one sample, one device.
+    shape = lambda b, lq, lk: (jax.ShapeDtypeStruct((b, lq, 8, 56), jnp.float32),
+                               jax.ShapeDtypeStruct((b, lk, 8, 56), jnp.float32))
+    lk = PER_SAMPLE_MIN_BYTES // (4 * 2 * 8 * 64)  # batch 2, 8 heads, 64 queries: the bound
+    assert per_sample_pays(*shape(2, 64, lk)) == (jax.device_count() == 1)
+    assert not per_sample_pays(*shape(2, 64, lk - 1))
+    assert not per_sample_pays(*shape(1, 4096, 4096))
+    assert not per_sample_pays(*shape(16, 1, 320))  # a KV-cached decode step
 
 
 def test_head_major_attention_matches_xla_values_and_gradients():

@@ -26,7 +26,8 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> ja
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
-                    drop: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
+                    drop: Optional[Callable[[jax.Array], jax.Array]] = None,
+                    inference: bool = False) -> jax.Array:
     """cuDNN's flash kernel for bf16/fp16 on GPU, ``head_major_attention`` for float32 on CPU,
     ``jax.nn.dot_product_attention``'s XLA form elsewhere.
 
@@ -34,8 +35,13 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax
     Falls back to XLA when cuDNN rejects the shapes (checked at trace time). ``drop``:
     attention-probability dropout on [B, H, Lq, Lk] (training); the fused kernels lack it, so
     off the head-major form the probabilities are materialised (``attention_probs``).
+    ``inference``: no gradient will be taken (the sampler's passes), so where it pays
+    (``per_sample_pays``) the head-major form runs one sample at a time
+    (``per_sample_attention``). A gradient taken anyway is still exact, only slower.
     """
     if head_major_applies(q):
+        if inference and drop is None and per_sample_pays(q, k):
+            return per_sample_attention(q, k, v, mask)
         return head_major_attention(q, k, v, mask, drop)
     if drop is not None:
         probs = drop(attention_probs(q, k, mask).astype(v.dtype))
@@ -90,6 +96,36 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optiona
         weights = drop(weights)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v) / denominator
     return heads_first(out[..., :hd])
+
+
+PER_SAMPLE_MIN_BYTES = 8 << 20  # the batch's float32 weights above which per-sample pays
+
+
+def per_sample_pays(q: jax.Array, k: jax.Array) -> bool:
+    """Whether ``per_sample_attention`` is the faster form: one device, and the batch's
+    [B, H, Lq, Lk] weights too large to stay in cache (eMIGM-XS's decoder at batch 8: 26 MB;
+    a KV-cached decode step's are KBs, where the loop's overhead would dominate)."""
+    b, lq, h, _ = q.shape
+    return b > 1 and jax.device_count() == 1 and 4 * b * h * lq * k.shape[1] >= PER_SAMPLE_MIN_BYTES
+
+
+def per_sample_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         mask: Optional[jax.Array]) -> jax.Array:
+    """``head_major_attention`` over one sample at a time (``lax.map``); same shapes and values.
+
+    Why: a sample's [H, Lq, Lk] weights (eMIGM-XS's decoder: 3.3 MB) stay in cache between the
+    logits, the exponential and the value product, where the whole batch's (52 MB at the
+    sampler's batch of 16) streams through memory three times: forward 69 -> 51 ms at that
+    shape on 2 AVX-512 cores (benchmarks/attention.py). Not for training: its backward is
+    slower than the batched one's, and a loop over the batch axis works against data-parallel
+    sharding of that axis, hence one device only (``per_sample_pays``).
+    """
+    one = lambda x: x[None]  # a sample as a batch of one
+    if mask is None or mask.shape[0] == 1:
+        step = lambda qkv: head_major_attention(*map(one, qkv), mask)[0]
+        return jax.lax.map(step, (q, k, v))
+    step = lambda qkvm: head_major_attention(*map(one, qkvm))[0]
+    return jax.lax.map(step, (q, k, v, mask))
 
 
 def allowed_keys(key_mask: Optional[jax.Array], causal: bool, num_queries: int,

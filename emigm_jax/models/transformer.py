@@ -187,7 +187,7 @@ class Attention(nn.Module):
         drop = None
         if self.attn_dropout > 0 and not deterministic:
             drop = functools.partial(Dropout(self.attn_dropout), deterministic=False)
-        out = fused_attention(q, k, v, mask, drop)
+        out = fused_attention(q, k, v, mask, drop, inference=deterministic)
         out = out.reshape(b, lq, d)
         out = dense(d, "proj", self.dtype, self.use_bias)(out)
         if self.proj_dropout > 0:
