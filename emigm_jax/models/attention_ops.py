@@ -115,8 +115,8 @@ def per_sample_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
     Why: a sample's [H, Lq, Lk] weights (eMIGM-XS's decoder: 3.3 MB) stay in cache between the
     logits, the exponential and the value product, where the whole batch's (52 MB at the
-    sampler's batch of 16) streams through memory three times: forward 69 -> 51 ms at that
-    shape on 2 AVX-512 cores (benchmarks/attention.py). Not for training: its backward is
+    sampler's batch of 16) streams through memory three times: forward 59.5 -> 42.0 ms at that
+    shape on 2 AVX-512 cores (benchmarks/attention.py, RESULTS.md). Not for training: its backward is
     slower than the batched one's, and a loop over the batch axis works against data-parallel
     sharding of that axis, hence one device only (``per_sample_pays``).
     """
