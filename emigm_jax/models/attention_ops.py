@@ -98,7 +98,7 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optiona
     return heads_first(out[..., :hd])
 
 
-PER_SAMPLE_MIN_BYTES = 8 << 20  # the batch's float32 weights above which per-sample pays
+PER_SAMPLE_MIN_BYTES = 8 << 20  # the batch's weights from which per-sample pays
 
 
 def per_sample_pays(q: jax.Array, k: jax.Array) -> bool:
@@ -106,7 +106,8 @@ def per_sample_pays(q: jax.Array, k: jax.Array) -> bool:
     [B, H, Lq, Lk] weights too large to stay in cache (eMIGM-XS's decoder at batch 8: 26 MB;
     a KV-cached decode step's are KBs, where the loop's overhead would dominate)."""
     b, lq, h, _ = q.shape
-    return b > 1 and jax.device_count() == 1 and 4 * b * h * lq * k.shape[1] >= PER_SAMPLE_MIN_BYTES
+    weight_bytes = q.dtype.itemsize * b * h * lq * k.shape[1]
+    return b > 1 and jax.device_count() == 1 and weight_bytes >= PER_SAMPLE_MIN_BYTES
 
 
 def per_sample_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -116,9 +117,9 @@ def per_sample_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     Why: a sample's [H, Lq, Lk] weights (eMIGM-XS's decoder: 3.3 MB) stay in cache between the
     logits, the exponential and the value product, where the whole batch's (52 MB at the
     sampler's batch of 16) streams through memory three times: forward 59.5 -> 42.0 ms at that
-    shape on 2 AVX-512 cores (benchmarks/attention.py, RESULTS.md). Not for training: its backward is
-    slower than the batched one's, and a loop over the batch axis works against data-parallel
-    sharding of that axis, hence one device only (``per_sample_pays``).
+    shape on 2 AVX-512 cores (benchmarks/attention.py, RESULTS.md). Not for training: its
+    backward is slower than the batched one's, and a loop over the batch axis works against
+    data-parallel sharding of that axis, hence one device only (``per_sample_pays``).
     """
     one = lambda x: x[None]  # a sample as a batch of one
     if mask is None or mask.shape[0] == 1:
