@@ -19,7 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from emigm_jax.sampling import ar as ar_sampling  # noqa: E402
 from emigm_jax.models import build_model, param_count, random_params  # noqa: E402
 from emigm_jax.models.ar import init_cache  # noqa: E402
+from timing import timed_calls  # noqa: E402  (this folder, the script's sys.path[1])
 
 
 def bench_config():
@@ -42,13 +42,7 @@ def bench_config():
 
 
 def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed_calls(lambda i: fn(*args), repeats, warmup=1)[0])
 
 
 def main() -> None:

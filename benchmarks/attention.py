@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +21,11 @@ import numpy as np
 
 from emigm_jax.host_memory import use_huge_pages
 from emigm_jax.models.attention_ops import head_major_attention, per_sample_attention
+from timing import timed_calls  # this folder (the script's sys.path[0])
 
 
 def fastest_ms(fn, *args, reps: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
+    return 1e3 * min(timed_calls(lambda i: fn(*args), reps, warmup=1)[0])
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ and flip per image). Prints one JSON line.
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from emigm_jax.tokenizers import build_tokenizer
+from timing import timed_calls  # this folder (the script's sys.path[0])
 
 flags.DEFINE_enum("tokenizer", "kl16", ["kl16", "dcae_f32c32"], "tokenizer")
 flags.DEFINE_integer("image_size", 0, "0: 256 for kl16, 512 for dcae_f32c32")
@@ -55,16 +55,8 @@ def main(argv) -> None:
     fn = jax.jit(encode, in_shardings=(repl, data), out_shardings=data)
     x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3))
                        .astype(np.float32), data)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, x))
-    compile_s = time.perf_counter() - t0
-    for _ in range(FLAGS.warmup):
-        jax.block_until_ready(fn(variables, x))
-    times = []
-    for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(variables, x))
-        times.append(time.perf_counter() - t0)
+    (compile_s,), _ = timed_calls(lambda i: fn(variables, x), 1)
+    times, _ = timed_calls(lambda i: fn(variables, x), FLAGS.steps, warmup=FLAGS.warmup)
     step = float(np.median(times))
     print(json.dumps(dict(
         benchmark="encode", tokenizer=FLAGS.tokenizer, image_size=size, batch=batch, dtype=dtype,

@@ -10,8 +10,6 @@ diffusion_batch_mul=4), excluding compilation; tokens/s counts the N image token
 from __future__ import annotations
 
 import argparse
-import time
-
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 from emigm_jax.losses import loss_fn
 from emigm_jax.config_files import load_config
 from emigm_jax.models import init_params, param_count, seq_len, token_dim
+from timing import timed_calls  # this folder (the script's sys.path[0])
 
 
 def small_config():
@@ -46,14 +45,9 @@ def main():
     batch = {"tokens": jax.random.normal(jax.random.key(1), (args.batch, n, c)),
              "label": jnp.arange(args.batch) % config.model.num_classes}
     step = jax.jit(jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, config), has_aux=True))
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(params, batch, jax.random.key(2)))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(params, batch, jax.random.key(3 + i)))
-        times.append(time.perf_counter() - t0)
+    # call 0 (key 2) compiles; the timed calls use keys 3, 4, ...
+    (compile_s,), _ = timed_calls(lambda i: step(params, batch, jax.random.key(2 + i)), 1)
+    times, _ = timed_calls(lambda i: step(params, batch, jax.random.key(3 + i)), args.steps)
     times.sort()
     med = times[len(times) // 2]
     print(f"device={jax.devices()[0].device_kind} config={args.config} "

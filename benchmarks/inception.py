@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 
 import jax
 import numpy as np
 
 from emigm_jax.evaluation.inception import make_feature_fn, random_variables
+from timing import timed_calls  # this folder (the script's sys.path[0])
 
 
 def main() -> None:
@@ -44,14 +44,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(args.batch_size, args.image_size, args.image_size, 3),
                           dtype=np.uint8)
-    t0 = time.perf_counter()
-    fn(images)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        fn(images)  # returns host numpy arrays, so the timing includes the transfer
-        times.append(time.perf_counter() - t0)
+    # fn returns host numpy arrays, so each timing includes the transfer
+    (compile_s,), _ = timed_calls(lambda i: fn(images), 1)
+    times, _ = timed_calls(lambda i: fn(images), args.iters)
     per_batch = float(np.median(times))
     dev = jax.devices()[0]
     print(json.dumps({

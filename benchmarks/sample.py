@@ -37,7 +37,6 @@ next step's transformer starts.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -53,6 +52,7 @@ from emigm_jax.config_files import load_config
 from emigm_jax.host_memory import use_huge_pages
 from emigm_jax.models import (build_model, dummy_inputs, param_count, random_params,
                               seq_len, token_dim)
+from timing import matmul_peak_flops, timed_calls  # this folder (the script's sys.path[0])
 
 
 def small_config():
@@ -74,20 +74,6 @@ def case_config(name: str):
     if name == "xs":
         return load_config("emigm_xs_256")
     raise ValueError(f"unknown case {name!r}; expected small16, small64 or xs")
-
-
-def matmul_peak(n: int = 2048, chain: int = 10, repeats: int = 3) -> float:
-    """Best GFLOP/s of a chain of n x n float32 matmuls."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / math.sqrt(n)
-    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, chain, lambda i, x: x @ b, a))
-    jax.block_until_ready(f(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 * chain / best / 1e9
 
 
 def flops_per_call(config, params):
@@ -166,14 +152,10 @@ def bench_case(name: str, batch: int, repeats: int):
     t0 = time.perf_counter()
     compiled = sampling.make_sampler(config).lower(params, labels, key).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        tokens, info = compiled(params, labels, jax.random.fold_in(key, i))
-        jax.block_until_ready(tokens)
-        times.append(time.perf_counter() - t0)
+    times, (_, info) = timed_calls(
+        lambda i: compiled(params, labels, jax.random.fold_in(key, i)), repeats)
     sec = float(np.median(times))
-    peak = matmul_peak()  # the CPU may be shared: measure the peak next to the timing
+    peak = matmul_peak_flops() / 1e9  # the CPU may be shared: measure it next to the timing
     assert int(info["nfe"]) == nfe and int(info["masked_left"]) == 0
     t_flops, h_row = flops_per_call(config, params)
     flops = run_flops(config, batch, info["reveal_counts"], t_flops, h_row)
@@ -212,8 +194,8 @@ def main():
     args = ap.parse_args()
     print(f"jax {jax.__version__} device={jax.devices()[0].device_kind} "
           f"cpus={os.cpu_count()} loadavg_before={os.getloadavg()}", flush=True)
-    print(f"matmul_peak_GFLOP/s={matmul_peak():.1f} (2048^2 f32, best of 3 chains of 10; "
-          "measured again after each case's timing)", flush=True)
+    print(f"matmul_peak_GFLOP/s={matmul_peak_flops() / 1e9:.1f} (2048^2 f32, best of 3 chains "
+          "of 10; measured again after each case's timing)", flush=True)
     for name in args.cases.split(","):
         bench_case(name, args.batch, args.repeats)
     print(f"\nloadavg_after={os.getloadavg()}")

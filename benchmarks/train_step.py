@@ -43,6 +43,7 @@ from emigm_jax.config_files import load_config
 from emigm_jax.host_memory import use_huge_pages
 from emigm_jax.models import init_params, param_count, seq_len, token_dim
 from emigm_jax.schedules import schedule_from_config
+from timing import matmul_peak_flops, timed_calls  # this folder (the script's sys.path[0])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,18 +91,6 @@ def with_host_mask(dispatch, batch: dict, mask: np.ndarray) -> "train.StepRung":
         return train.StepRung()
     batch.update(mask=mask, mask_p=np.full((mask.shape[0],), 0.5, np.float32))
     return dispatch.rung(mask)
-
-
-def measured_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """Attainable float32 matmul FLOP/s on the default devices."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -155,19 +144,17 @@ def main() -> None:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float((cost or {}).get("flops", float("nan")))
 
-    state, metrics = step(state, gbatch)  # warm-up (first execution)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = step(state, gbatch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
+    box = [state]  # the state threads through the calls; the first is the warm-up
+
+    def call(_):
+        box[0], metrics = step(box[0], gbatch)
+        return metrics
+    times, metrics = timed_calls(call, args.steps, warmup=1)
     step_s = float(np.median(times))
 
     parts = forward_flops_per_image(config)
     model_flops = 3.0 * args.batch * sum(parts.values())
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops()
     peak_src = "given" if args.peak_tflops else "measured fp32 matmul"
     dev = jax.devices()[0]
     result = {

@@ -35,7 +35,6 @@ import functools
 import math
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,8 +72,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from train_step import (expected_masked, fixed_mask,  # noqa: E402  (this folder, a script)
-                        measured_peak_flops, with_host_mask)
+from timing import matmul_peak_flops, timed_calls  # noqa: E402  (this folder)
+from train_step import expected_masked, fixed_mask, with_host_mask  # noqa: E402  (a script)
 from emigm_jax.config_files import load_config  # noqa: E402
 from emigm_jax import sampling, train  # noqa: E402
 from emigm_jax import sharding as shd  # noqa: E402
@@ -174,15 +173,6 @@ def reference_train_step(model, config, batch: int):
     return step
 
 
-def timed(fn, reps: int = 1):
-    out, times = None, []
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, float(np.median(times))
-
-
 def interleaved(ref_fn, ours_fn, reps: int):
     """(reference's last output, ours, reference's fastest s, ours fastest s): the two run
     turn about, ``reps`` times each, so a slow spell of the shared machine hits both; the
@@ -190,10 +180,10 @@ def interleaved(ref_fn, ours_fn, reps: int):
     t_ref, t_ours, out_ref, out_ours = [], [], None, None
     for _ in range(reps):
         if ref_fn is not None:
-            out_ref, t = timed(ref_fn)
+            (t,), out_ref = timed_calls(lambda i: ref_fn(), 1)
             t_ref.append(t)
         if ours_fn is not None:
-            out_ours, t = timed(ours_fn)
+            (t,), out_ours = timed_calls(lambda i: ours_fn(), 1)
             t_ours.append(t)
     print(f"  reference runs {[round(t, 2) for t in t_ref]} s; ours {[round(t, 2) for t in t_ours]} s")
     return out_ref, out_ours, min(t_ref, default=math.nan), min(t_ours, default=math.nan)
@@ -321,16 +311,12 @@ def ours_train(config, params, batch: int, mask: np.ndarray):
     rung = with_host_mask(dispatch, local, mask)
     step = dispatch.step_for(rung)
     data = shd.global_batch(local, mesh)
-    t = time.perf_counter()
-    state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - t
     box = [state]
 
     def run():
         box[0], mets = step(box[0], data)
-        jax.block_until_ready(mets)
-        return mets
+        return jax.block_until_ready(mets)
+    (first,), _ = timed_calls(lambda i: run(), 1)
     return run, first, rung
 
 
@@ -357,7 +343,7 @@ def main() -> None:
     params = jax.tree_util.tree_map(jnp.asarray, convert_weights(
         {k: v.detach().numpy() for k, v in ref.state_dict().items()}, config))
     counter = FlopCounter(ref, list(ref.encoder_blocks) + list(ref.decoder_blocks))
-    peak = measured_peak_flops()
+    peak = matmul_peak_flops()
     print(f"XLA 2048^3 fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
     rows = []
     if "train" not in skip:
@@ -410,10 +396,8 @@ def sample_row(ref, counter, config, params, title, over, images, reps, ours_sid
     jl = jnp.asarray(labels.numpy(), jnp.int32)
     fn = sampling.make_sampler(c)
     if ours_side:
-        t = time.perf_counter()
-        _, info = fn(params, jl, jax.random.key(0))
-        jax.block_until_ready(info)
-        print(f"ours {title}: first call incl. compile {time.perf_counter() - t:.1f}s; reveal "
+        (first,), (_, info) = timed_calls(lambda i: fn(params, jl, jax.random.key(0)), 1)
+        print(f"ours {title}: first call incl. compile {first:.1f}s; reveal "
               f"counts {np.asarray(info['reveal_counts']).tolist()}")
 
     def ref_call():
